@@ -1,0 +1,155 @@
+"""The ``node-agent`` command: thin wrappers that load settings, call the agent, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from agent import __version__
+from agent.errors import NodeAgentError, UsageError
+
+app = typer.Typer(
+    name="node-agent",
+    help="Self-hosted inference node agent: detect GPUs, plan, serve vLLM with a llama.cpp fallback.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"node-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """node-agent."""
+
+
+def fail(exc: NodeAgentError) -> None:
+    """Print an agent error as one line on stderr and exit with its code (2 = bad input)."""
+    Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+ProfileOpt = Annotated[Optional[str], typer.Option(
+    "--profile", help="A shipped profile name (see profiles/) or a path to a profile YAML, instead of this host.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print stable JSON (docs/detect.md) instead of tables.")]
+
+
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="Settings file (default: $NODE_AGENT_CONFIG, else /etc/node-agent/config.yaml).")]
+
+
+def load(config: Path | None, overrides: dict | None = None):
+    """Settings for a command; a bad file or variable ends the command with exit 2."""
+    from agent.settings import load_settings
+
+    try:
+        return load_settings(config, overrides)
+    except NodeAgentError as exc:
+        fail(exc)
+
+
+@app.command()
+def detect(profile: ProfileOpt = None, as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Show the GPUs and host the agent sees (NVML + psutil, or a profile)."""
+    from agent.cli.detect_view import render_host
+    from agent.hardware import detect as detect_host
+    from agent.hardware.report import host_to_dict
+
+    settings = load(config, {"profile": profile} if profile else None)
+    try:
+        host = detect_host(settings.profile)
+    except NodeAgentError as exc:
+        fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(host_to_dict(host), indent=2) + "\n")
+    else:
+        render_host(host, Console())
+
+
+@app.command()
+def plan(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Card name, HF model dir, config.json or .gguf (default: model.ref from settings).")] = None,
+    profile: ProfileOpt = None,
+    engine: Annotated[str, typer.Option(help="auto, vllm or llamacpp.")] = "auto",
+    tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Pin the tensor parallel size.")] = None,
+    pp: Annotated[Optional[int], typer.Option("--pp", min=1, help="Pin the pipeline parallel size.")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="none, fp8, awq, gptq or gguf:<TYPE>.")] = None,
+    kv_cache_dtype: Annotated[Optional[str], typer.Option(help="auto or fp8.")] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(min=0.05, max=0.99, help="Pin vLLM's fraction.")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(min=128, help="Pin the context length.")] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(min=1, help="Pin vLLM's concurrent sequences.")] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Plan how to serve a model on this host (or a profile): engine, parallelism, memory, with reasons.
+
+    Exit 0 when it fits, 1 when it does not (the refusal says what would make it fit), 2 on bad input.
+    """
+    from agent.catalog.resolve import resolve_model
+    from agent.cli.plan_view import render_plan
+    from agent.hardware import detect as detect_host
+    from agent.planner import Pins
+    from agent.planner import plan as make_plan
+    from agent.planner.report import plan_to_dict
+
+    settings = load(config, {"profile": profile} if profile else None)
+    if quantization is not None and quantization not in ("none", "fp8", "awq", "gptq") and not quantization.startswith("gguf:"):
+        fail(UsageError(f"--quantization {quantization}: choose none, fp8, awq, gptq or gguf:<TYPE> (e.g. gguf:Q4_K_M)"))
+    if kv_cache_dtype not in (None, "auto", "fp8"):
+        fail(UsageError(f"--kv-cache-dtype {kv_cache_dtype}: choose auto or fp8"))
+    pins = Pins(engine=engine, tp=tp, pp=pp, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+    try:
+        host = detect_host(settings.profile)
+        spec = resolve_model(model or settings.model.ref)
+        result = make_plan(host, spec, settings, pins)
+    except NodeAgentError as exc:
+        fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(plan_to_dict(result), indent=2) + "\n")
+    else:
+        render_plan(result, host, Console())
+    raise typer.Exit(0 if result.fits else 1)
+
+
+@app.command("config")
+def show_config(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    reference: Annotated[bool, typer.Option("--reference", help="Print every setting as Markdown (docs/configuration.md).")] = False,
+) -> None:
+    """Validate the settings (file + NODE_AGENT_* environment) and print the effective values."""
+    import yaml
+
+    if reference:
+        from agent.cli.config_doc import reference as markdown
+
+        sys.stdout.write(markdown())
+        return
+    settings = load(config)
+    data = settings.model_dump(mode="json")
+    if data["server"]["api_key"]:
+        data["server"]["api_key"] = "***"
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

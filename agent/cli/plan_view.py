@@ -1,0 +1,67 @@
+"""How ``node-agent plan`` shows a plan to people."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from agent.hardware.types import GIB, HostInfo
+from agent.planner.types import LlamaCppPlan, NodePlan, VllmPlan
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def _settings_table(p: VllmPlan | LlamaCppPlan) -> Table:
+    t = Table(show_header=False, box=None, padding=(0, 2))
+    if isinstance(p, VllmPlan):
+        rows = [("tensor_parallel_size", p.tensor_parallel_size), ("pipeline_parallel_size", p.pipeline_parallel_size),
+                ("VLLM_PP_LAYER_PARTITION", ",".join(map(str, p.pp_layer_partition)) if p.pp_layer_partition else "-"),
+                ("quantization", p.quantization), ("kv_cache_dtype", p.kv_cache_dtype),
+                ("gpu_memory_utilization", f"{p.gpu_memory_utilization:.2f}"), ("max_model_len", p.max_model_len),
+                ("max_num_seqs", p.max_num_seqs), ("max_num_batched_tokens", p.max_num_batched_tokens),
+                ("KV cache", f"{p.kv_cache_tokens:,} tokens ({p.max_concurrency:.1f} x {p.max_model_len})"),
+                ("devices", ",".join(map(str, p.devices)))]
+    else:
+        rows = [("gguf", f"{p.gguf_repo or ''} {p.gguf_file or ''}".strip()), ("quant", p.quant_type),
+                ("n_gpu_layers", p.n_gpu_layers), ("tensor_split", p.tensor_split or "-"), ("n_ctx", p.n_ctx),
+                ("n_threads", p.n_threads), ("flash_attn", p.flash_attn), ("type_k / type_v", f"{p.type_k}/{p.type_v}"),
+                ("host RAM", f"{_gib(p.ram_bytes)} GiB")]
+    for k, v in rows:
+        t.add_row(k, escape(str(v)))
+    return t
+
+
+def render_plan(plan: NodePlan, host: HostInfo, console: Console) -> None:
+    """The decision, the per-GPU memory, the reasons and what was refused."""
+    p = plan.primary
+    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+    console.print(f"[bold]{escape(plan.model)}[/] on [bold]{escape(host.hostname)}[/] "
+                  f"({len(host.gpus)} GPU(s)): {plan.engine} — {verdict}")
+    if p.refusal:
+        console.print(f"[red]refused:[/] {escape(p.refusal)}", highlight=False)
+    if plan.fits:
+        console.print(_settings_table(p))
+    if p.per_gpu:
+        t = Table(title="memory per GPU (GiB)")
+        for col in ("GPU", "total", "free", "usable", "weights", "KV", "activation", "overhead", "layers"):
+            t.add_column(col)
+        for g in p.per_gpu:
+            t.add_row(f"{g.index} {escape(g.name.removeprefix('NVIDIA '))}", _gib(g.total_bytes), _gib(g.free_bytes),
+                      _gib(g.usable_bytes), _gib(g.weights_bytes), _gib(g.kv_bytes), _gib(g.activation_bytes),
+                      _gib(g.overhead_bytes), str(g.layers))
+        console.print(t)
+    console.print("[bold]why[/]")
+    for line in (*plan.reasons, *p.reasons):
+        console.print(f"  - {escape(line)}", highlight=False)
+    if plan.refusals:
+        console.print("[bold]refused[/]")
+        for line in plan.refusals:
+            console.print(f"  - {escape(line)}", highlight=False)
+    if plan.fallback is not None:
+        f = plan.fallback
+        state = (f"{f.quant_type} GGUF, n_gpu_layers {f.n_gpu_layers}, n_ctx {f.n_ctx}, {_gib(f.ram_bytes)} GiB RAM"
+                 if f.fits else escape(f.refusal or "does not fit"))
+        console.print(f"[bold]fallback[/] llama.cpp: {state}", highlight=False)

@@ -1,0 +1,57 @@
+"""The planner: pure functions of (host, model, settings, pins) → NodePlan. No I/O, no clock."""
+
+from __future__ import annotations
+
+from agent.catalog.types import ModelSpec
+from agent.errors import PlanError
+from agent.hardware.types import HostInfo
+from agent.planner.llamacpp import plan_llamacpp
+from agent.planner.types import LlamaCppPlan, NodePlan, Pins, VllmPlan
+from agent.planner.vllm import plan_vllm
+from agent.settings import Settings
+
+__all__ = ["LlamaCppPlan", "NodePlan", "Pins", "VllmPlan", "plan"]
+
+
+def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins()) -> NodePlan:
+    """Choose the primary engine and its plan, and the llama.cpp fallback behind it.
+
+    auto: vLLM when a vLLM plan fits on the GPUs (and vLLM is in the chain), else llama.cpp
+    alone with all usable VRAM. A pinned engine is planned even when it does not fit: the
+    refusal says why and what would make it fit.
+    """
+    s = settings.planner
+    chain = settings.engines.chain
+    if pins.engine not in ("auto", "vllm", "llamacpp"):
+        raise PlanError(f"--engine {pins.engine}: choose auto, vllm or llamacpp")
+    gguf_pinned = bool(pins.quantization and pins.quantization.startswith("gguf:"))
+    if gguf_pinned and pins.engine == "vllm":
+        raise PlanError("--quantization gguf:* is a llama.cpp format; use --engine llamacpp or auto")
+    want_vllm = pins.engine == "vllm" or (pins.engine == "auto" and "vllm" in chain and not gguf_pinned)
+    reasons: list[str] = []
+    refusals: list[str] = []
+    if want_vllm:
+        chosen, alternatives, _, refusals = plan_vllm(host, model, s, pins, reserve_fallback="llamacpp" in chain)
+        if chosen is not None:
+            fallback = plan_llamacpp(host, model, s, Pins(), role="fallback") if "llamacpp" in chain else None
+            return NodePlan(model.name, "vllm", chosen, fallback, tuple(alternatives),
+                            ("vLLM fits on the GPUs: it serves, llama.cpp stands behind it",), tuple(refusals))
+        if pins.engine == "vllm":
+            why = "; ".join(refusals) or "no layout fits"
+            return NodePlan(model.name, "vllm", _vllm_refusal(model, host, refusals), None, (), (why,), tuple(refusals))
+        reasons.append("vLLM cannot serve it here, so llama.cpp serves alone: " + "; ".join(refusals[-2:]))
+    elif pins.engine == "auto" and "vllm" not in chain:
+        reasons.append("vLLM is not in engines.chain: llama.cpp serves alone")
+    primary = plan_llamacpp(host, model, s, pins, role="primary")
+    return NodePlan(model.name, "llamacpp", primary, None, (), tuple(reasons), tuple(refusals))
+
+
+def _vllm_refusal(model: ModelSpec, host: HostInfo, refusals: list[str]) -> VllmPlan:
+    hint = ("try --quantization awq (with an AWQ checkpoint), a shorter --max-model-len, more or bigger GPUs, "
+            "or --engine llamacpp with a GGUF for partial offload")
+    return VllmPlan(
+        fits=False, tensor_parallel_size=0, pipeline_parallel_size=0, pp_layer_partition=None, quantization="none",
+        dtype=model.arch.dtype, kv_cache_dtype="auto", gpu_memory_utilization=0.0, max_model_len=0, max_num_seqs=0,
+        max_num_batched_tokens=0, kv_cache_tokens=0, kv_bytes_per_token=0, weights_bytes=0, devices=(),
+        disable_p2p=False, per_gpu=(), reasons=tuple(refusals),
+        refusal=f"vLLM cannot serve {model.name} on this host: {'; '.join(refusals) or 'no GPU'}; {hint}")

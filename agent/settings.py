@@ -1,0 +1,234 @@
+"""All settings: one pydantic-settings tree, one YAML file, ``NODE_AGENT_*`` environment.
+
+Precedence (highest first): values passed by the CLI, ``NODE_AGENT_<SECTION>__<FIELD>``
+environment variables, the YAML file, defaults. The file is read in exactly one place:
+``load_settings``. Every field has a default, bounds and a description (``node-agent config
+--schema`` prints them; docs/configuration.md lists them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/node-agent/config.yaml")
+ENV_PREFIX = "NODE_AGENT_"
+# A terminal backend has nothing behind it: it must run everywhere (CPU), so it ends the chain.
+TERMINAL_BACKENDS = ("llamacpp",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSettings(_Section):
+    """Which model to serve."""
+
+    ref: str = Field(
+        "default",
+        description="Card name from models/, an HF model directory, a config.json, a .gguf file, "
+        "or 'default' for the embedded SmolLM2-135M-Instruct.",
+        min_length=1,
+    )
+    gguf: str | None = Field(
+        None, description="GGUF file for the llama.cpp fallback when 'ref' is not a GGUF itself."
+    )
+
+
+class PlannerSettings(_Section):
+    """How the planner sizes the engines (docs/memory-model.md explains each number)."""
+
+    target_context: int = Field(8192, ge=256, le=1_048_576, description="Context length to aim for (tokens).")
+    min_context: int = Field(2048, ge=128, le=1_048_576, description="Shortest context worth serving (tokens).")
+    safety_margin_mib: int = Field(
+        1024, ge=0, le=65536, description="VRAM left free on every GPU for fragmentation and other users (MiB)."
+    )
+    display_margin_mib: int = Field(
+        1536, ge=0, le=65536, description="Extra VRAM left free on a GPU that drives a display (MiB)."
+    )
+    ram_margin_mib: int = Field(
+        2048, ge=0, le=1_048_576, description="RAM left for the OS and the agent when llama.cpp runs on CPU (MiB)."
+    )
+    max_num_seqs: int = Field(256, ge=1, le=4096, description="Upper bound on concurrent sequences for vLLM.")
+    max_num_batched_tokens: int = Field(
+        0, ge=0, le=262_144,
+        description="vLLM scheduler token budget per step; drives the activation peak. 0 = vLLM's own server "
+        "default for the GPUs (8192 on >= 70 GiB GPUs other than A100, else 2048).",
+    )
+    fallback_reserve_mib: int = Field(
+        0, ge=0, le=262_144,
+        description="VRAM the llama.cpp fallback may use on each GPU while vLLM runs (MiB); 0 keeps it on CPU.",
+    )
+
+    @model_validator(mode="after")
+    def _context_order(self) -> PlannerSettings:
+        if self.min_context > self.target_context:
+            raise ValueError(f"min_context ({self.min_context}) exceeds target_context ({self.target_context})")
+        return self
+
+
+class EngineSettings(_Section):
+    """The engines and the order they are tried in."""
+
+    chain: list[Literal["vllm", "llamacpp"]] = Field(
+        ["vllm", "llamacpp"], min_length=1,
+        description="Backends in the order requests try them; the last one is the terminal fallback.",
+    )
+
+    @field_validator("chain")
+    @classmethod
+    def _valid_chain(cls, chain: list[str]) -> list[str]:
+        if len(set(chain)) != len(chain):
+            raise ValueError(f"each backend may appear once in the chain, got {chain}")
+        if chain[-1] not in TERMINAL_BACKENDS:
+            raise ValueError(f"the chain must end with a terminal backend ({', '.join(TERMINAL_BACKENDS)}), got {chain}")
+        return chain
+    vllm_cpu_kvcache_gib: int = Field(
+        1, ge=1, le=1024, description="KV cache size for vLLM's CPU build (VLLM_CPU_KVCACHE_SPACE, GiB)."
+    )
+
+
+class ServerSettings(_Section):
+    """Where the OpenAI-compatible endpoint listens."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Bind address; non-loopback needs api_key or insecure.")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port.")
+    api_key: str | None = Field(None, min_length=16, description="Bearer token required on /v1/* (keep it in an EnvironmentFile).")
+    insecure: bool = Field(False, description="Allow a non-loopback bind without an API key.")
+    log_prompts: bool = Field(False, description="Log prompt and completion text (off: only sizes are logged).")
+
+
+class Settings(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Model to serve.")
+    planner: PlannerSettings = Field(default_factory=PlannerSettings, description="Planner knobs.")
+    engines: EngineSettings = Field(default_factory=EngineSettings, description="Engines and fallback chain.")
+    server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP endpoint.")
+    profile: str | None = Field(
+        None, description="Plan for a hardware profile (profiles/NAME.yaml) instead of this host."
+    )
+
+
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of os.environ."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._mapping = env
+        super().__init__(Settings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._mapping, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def config_path(cli_path: Path | None, env: Mapping[str, str]) -> tuple[Path, bool]:
+    """The file to read and whether it was asked for explicitly (then it must exist)."""
+    if cli_path is not None:
+        return cli_path, True
+    if env.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(env[f"{ENV_PREFIX}CONFIG"]), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise ConfigError(f"config file {path} does not exist; create it or drop --config/NODE_AGENT_CONFIG")
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, server:, ...), not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _in_file(data: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _origin(loc: tuple[Any, ...], layers: list[tuple[str, Mapping[str, Any]]]) -> str:
+    """Where a bad value came from: the highest layer that holds it."""
+    return next((name for name, data in layers if _in_file(data, loc)), "defaults")
+
+
+def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; docs/configuration.md lists the keys)"
+        else:
+            value = err.get("input")
+            got = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+            msg = err["msg"] + got
+        lines.append(f"{field}: {msg} [{_origin(loc, layers)}]")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def _unknown_env(env: Mapping[str, str]) -> list[str]:
+    known = {f"{ENV_PREFIX}CONFIG"} | {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    return sorted(k for k in env if k.upper().startswith(ENV_PREFIX)
+                  and k.upper().split("__")[0] not in known)
+
+
+def load_settings(
+    cli_path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """The one place the config file is read. Raises ConfigError (exit 2) on any bad value."""
+    env = os.environ if env is None else env
+    path, required = config_path(cli_path, env)
+    file_data = _read_yaml(path, required)
+    unknown = _unknown_env(env)
+    if unknown:
+        raise ConfigError(f"unknown environment variable(s) {', '.join(unknown)}; "
+                          f"settings use {ENV_PREFIX}<SECTION>__<FIELD>, e.g. {ENV_PREFIX}SERVER__PORT")
+    env_data = _EnvSource(env)()
+    layers = [("from the command line", overrides or {}),
+              (f"from the {ENV_PREFIX}* environment", env_data),
+              (f"in {path}", file_data)]
+    merged: dict[str, Any] = {}
+    for _, data in reversed(layers):
+        merged = _merge(merged, data)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, layers)) from exc
