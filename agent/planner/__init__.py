@@ -7,18 +7,20 @@ from agent.errors import PlanError
 from agent.hardware.types import HostInfo
 from agent.planner.llamacpp import plan_llamacpp
 from agent.planner.types import LlamaCppPlan, NodePlan, Pins, VllmPlan
-from agent.planner.vllm import plan_vllm
+from agent.planner.vllm import plan_vllm, plan_vllm_cpu
 from agent.settings import Settings
 
 __all__ = ["LlamaCppPlan", "NodePlan", "Pins", "VllmPlan", "plan"]
 
 
-def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins()) -> NodePlan:
+def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins(),
+         vllm_cpu: bool = False) -> NodePlan:
     """Choose the primary engine and its plan, and the llama.cpp fallback behind it.
 
     auto: vLLM when a vLLM plan fits on the GPUs (and vLLM is in the chain), else llama.cpp
     alone with all usable VRAM. A pinned engine is planned even when it does not fit: the
-    refusal says why and what would make it fit.
+    refusal says why and what would make it fit. ``vllm_cpu``: the caller found vLLM's CPU build
+    installed, so a GPU-less host can run vLLM too (small models; CI).
     """
     s = settings.planner
     chain = settings.engines.chain
@@ -30,7 +32,15 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
     want_vllm = pins.engine == "vllm" or (pins.engine == "auto" and "vllm" in chain and not gguf_pinned)
     reasons: list[str] = []
     refusals: list[str] = []
-    if want_vllm:
+    if want_vllm and not host.gpus and vllm_cpu:
+        cpu = plan_vllm_cpu(host, model, s, settings.engines.vllm_cpu_kvcache_gib, pins)
+        if cpu.fits or pins.engine == "vllm":
+            fallback = plan_llamacpp(host, model, s, Pins(), role="fallback") if "llamacpp" in chain else None
+            return NodePlan(model.name, "vllm", cpu, fallback, (),
+                            ("no GPU, but vLLM's CPU build is installed: it serves, llama.cpp stands behind it",))
+        refusals = [cpu.refusal]
+        reasons.append("vLLM's CPU build cannot serve it here, so llama.cpp serves alone: " + cpu.refusal)
+    elif want_vllm:
         chosen, alternatives, _, refusals = plan_vllm(host, model, s, pins, reserve_fallback="llamacpp" in chain)
         if chosen is not None:
             fallback = plan_llamacpp(host, model, s, Pins(), role="fallback") if "llamacpp" in chain else None

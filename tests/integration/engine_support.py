@@ -1,0 +1,36 @@
+"""Build backends for the integration tests from real plans on this host."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from agent.backends.llamacpp import LlamaCppBackend
+from agent.backends.vllm import VllmBackend
+from agent.catalog import load_hf_config, read_gguf
+from agent.hardware import detect
+from agent.planner import Pins
+from agent.planner.llamacpp import plan_llamacpp
+from agent.planner.vllm import plan_vllm_cpu
+from agent.settings import Settings
+
+CHAT_PARIS = ({"role": "user", "content": "What is the capital of France? Answer in one word."},)
+
+
+def llamacpp_backend(gguf: Path, n_ctx: int = 2048) -> LlamaCppBackend:
+    """A llama.cpp backend planned for this host (CPU), at a small context."""
+    spec = read_gguf(gguf)
+    s = Settings.model_validate({"planner": {"target_context": n_ctx, "min_context": min(n_ctx, 2048)}})
+    plan = plan_llamacpp(detect(env={}), spec, s.planner, Pins(), role="primary")
+    assert plan.fits, plan.refusal
+    return LlamaCppBackend(plan, gguf, spec.name)
+
+
+def vllm_backend(hf_dir: Path, max_model_len: int = 2048, max_num_seqs: int = 4, **overrides) -> VllmBackend:
+    """A vLLM (CPU build) backend planned for this host; ``overrides`` replace plan fields."""
+    spec = load_hf_config(hf_dir)
+    s = Settings.model_validate({"planner": {"target_context": max_model_len, "min_context": 128}})
+    plan = plan_vllm_cpu(detect(env={}), spec, s.planner, s.engines.vllm_cpu_kvcache_gib,
+                         Pins(max_num_seqs=max_num_seqs))
+    assert plan.fits, plan.refusal
+    return VllmBackend(dataclasses.replace(plan, **overrides), hf_dir, spec.name, s.engines.vllm_cpu_kvcache_gib)
