@@ -92,9 +92,12 @@ def bench_llamacpp(tokens: int, repeats: int) -> None:
         rows = []
         for c in CONCURRENCY:
             ours, raw = [], []
-            for _ in range(repeats):
-                ours.append(await run_backend(backend, c, tokens))
-                raw.append(await asyncio.to_thread(run_raw_llama, llm, c, tokens))
+            for r in range(repeats):  # alternate which goes first: the second run of a pair is warmer
+                pair = [lambda: run_backend(backend, c, tokens), lambda: asyncio.to_thread(run_raw_llama, llm, c, tokens)]
+                first, second = (0, 1) if r % 2 == 0 else (1, 0)
+                got = {first: await pair[first](), second: await pair[second]()}
+                ours.append(got[0])
+                raw.append(got[1])
             rows.append((c, statistics.median(ours), statistics.median(raw)))
         await backend.stop()
         return rows
@@ -111,9 +114,13 @@ def bench_vllm(tokens: int, repeats: int) -> None:
         rows = []
         for c in CONCURRENCY:
             ours, raw = [], []
-            for _ in range(repeats):
-                ours.append(await run_backend(backend, c, tokens))
-                raw.append(await run_raw_vllm(backend._engine, backend._tokenizer, c, tokens))
+            for r in range(repeats):
+                pair = [lambda: run_backend(backend, c, tokens),
+                        lambda: run_raw_vllm(backend._engine, backend._tokenizer, c, tokens)]
+                first, second = (0, 1) if r % 2 == 0 else (1, 0)
+                got = {first: await pair[first](), second: await pair[second]()}
+                ours.append(got[0])
+                raw.append(got[1])
             rows.append((c, statistics.median(ours), statistics.median(raw)))
         await backend.stop()
         return rows
@@ -123,7 +130,7 @@ def bench_vllm(tokens: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="max tokens per request")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per point; the median is printed")
+    parser.add_argument("--repeats", type=int, default=4, help="runs per point; the median is printed")
     parser.add_argument("--only", choices=("llamacpp", "vllm"))
     args = parser.parse_args()
     if args.only in (None, "llamacpp"):
