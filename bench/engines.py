@@ -82,49 +82,38 @@ def report(engine: str, rows: list[tuple[int, float, float]]) -> None:
               f"ratio {ours / anchor:.3f}")
 
 
-def bench_llamacpp(tokens: int, repeats: int) -> None:
-    backend = llamacpp_backend(smollm2_gguf())
+async def compare(name: str, backend, anchor, tokens: int, repeats: int) -> None:
+    """Start ``backend``, then per concurrency run it and ``anchor(c, tokens)`` ``repeats`` times,
+    alternating which goes first (the second run of a pair is warmer), and print the medians."""
+    await backend.start()
+    await run_backend(backend, 1, 16)  # warm-up
+    rows = []
+    for c in CONCURRENCY:
+        ours, raw = [], []
+        for r in range(repeats):
+            if r % 2 == 0:
+                ours.append(await run_backend(backend, c, tokens))
+                raw.append(await anchor(backend, c, tokens))
+            else:
+                raw.append(await anchor(backend, c, tokens))
+                ours.append(await run_backend(backend, c, tokens))
+        rows.append((c, statistics.median(ours), statistics.median(raw)))
+    await backend.stop()
+    report(name, rows)
 
-    async def main() -> list[tuple[int, float, float]]:
-        await backend.start()
-        llm = backend._all[0]  # the same loaded model drives the anchor: identical weights and context
-        await run_backend(backend, 1, 16)  # warm-up
-        rows = []
-        for c in CONCURRENCY:
-            ours, raw = [], []
-            for r in range(repeats):  # alternate which goes first: the second run of a pair is warmer
-                pair = [lambda: run_backend(backend, c, tokens), lambda: asyncio.to_thread(run_raw_llama, llm, c, tokens)]
-                first, second = (0, 1) if r % 2 == 0 else (1, 0)
-                got = {first: await pair[first](), second: await pair[second]()}
-                ours.append(got[0])
-                raw.append(got[1])
-            rows.append((c, statistics.median(ours), statistics.median(raw)))
-        await backend.stop()
-        return rows
-    report("llama.cpp", asyncio.run(main()))
+
+def bench_llamacpp(tokens: int, repeats: int) -> None:
+    async def anchor(backend, c: int, n: int) -> float:
+        # the same loaded model drives the anchor: identical weights and context
+        return await asyncio.to_thread(run_raw_llama, backend._all[0], c, n)
+    asyncio.run(compare("llama.cpp", llamacpp_backend(smollm2_gguf()), anchor, tokens, repeats))
 
 
 def bench_vllm(tokens: int, repeats: int) -> None:
-    hf = make_smollm2_hf(Path(CACHE) / "smollm2-hf")
-    backend = vllm_backend(hf, max_model_len=2048, max_num_seqs=8)
-
-    async def main() -> list[tuple[int, float, float]]:
-        await backend.start()
-        await run_backend(backend, 1, 16)
-        rows = []
-        for c in CONCURRENCY:
-            ours, raw = [], []
-            for r in range(repeats):
-                pair = [lambda: run_backend(backend, c, tokens),
-                        lambda: run_raw_vllm(backend._engine, backend._tokenizer, c, tokens)]
-                first, second = (0, 1) if r % 2 == 0 else (1, 0)
-                got = {first: await pair[first](), second: await pair[second]()}
-                ours.append(got[0])
-                raw.append(got[1])
-            rows.append((c, statistics.median(ours), statistics.median(raw)))
-        await backend.stop()
-        return rows
-    report("vLLM", asyncio.run(main()))
+    async def anchor(backend, c: int, n: int) -> float:
+        return await run_raw_vllm(backend._engine, backend._tokenizer, c, n)
+    backend = vllm_backend(make_smollm2_hf(Path(CACHE) / "smollm2-hf"), max_model_len=2048, max_num_seqs=8)
+    asyncio.run(compare("vLLM", backend, anchor, tokens, repeats))
 
 
 def main() -> None:

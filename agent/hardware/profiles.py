@@ -6,14 +6,13 @@ host goes through the same detection code as a real one. Schema: docs/profiles.m
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import ProfileError
+from agent.files import read_mapping, shipped_dir, shipped_names
 
 # Fields a device may refuse with NVMLError_NotSupported (GeForce: mig; some boards: power).
 Unsupportable = Literal[
@@ -131,16 +130,12 @@ class Profile(_Strict):
 
 def profiles_dir() -> Path:
     """The shipped profiles: ``profiles/`` in a checkout, ``agent/_data/profiles`` when installed."""
-    packaged = resources.files("agent") / "_data" / "profiles"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "profiles"
+    return shipped_dir("profiles")
 
 
 def available_profiles() -> list[str]:
     """Names of the shipped profiles, sorted."""
-    d = profiles_dir()
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    return shipped_names("profiles")
 
 
 def load_profile(ref: str | Path) -> Profile:
@@ -151,14 +146,7 @@ def load_profile(ref: str | Path) -> Profile:
         if not path.is_file():
             known = ", ".join(available_profiles()) or "none found"
             raise ProfileError(f"unknown profile {ref!r}; shipped profiles: {known}; or pass a path to a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"profile {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ProfileError(f"profile {path} must be a mapping (see docs/profiles.md)")
+    data = read_mapping(path, "profile", ProfileError)
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:

@@ -34,3 +34,14 @@ def vllm_backend(hf_dir: Path, max_model_len: int = 2048, max_num_seqs: int = 4,
                          Pins(max_num_seqs=max_num_seqs))
     assert plan.fits, plan.refusal
     return VllmBackend(dataclasses.replace(plan, **overrides), hf_dir, spec.name, s.engines.vllm_cpu_kvcache_gib)
+
+
+def collect(loop, backend, request) -> list:
+    """Every delta of one generation, run to the end on ``loop``."""
+    async def run():
+        return [d async for d in backend.generate(request)]
+    return loop.run_until_complete(run())
+
+
+def text_of(deltas) -> str:
+    return "".join(d.text for d in deltas)

@@ -19,13 +19,6 @@ pytest.importorskip("vllm", reason="vLLM is not installed: scripts/test installs
 pytestmark = pytest.mark.engines
 
 
-@pytest.fixture()
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
 def started(loop, tiny_model):
     backend = vllm_backend(tiny_model.hf_dir, max_model_len=1024, max_num_seqs=4)
     loop.run_until_complete(backend.start())
