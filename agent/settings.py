@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
 from agent.errors import ConfigError
+from agent.files import read_mapping
 
 DEFAULT_CONFIG_PATH = Path("/etc/node-agent/config.yaml")
 ENV_PREFIX = "NODE_AGENT_"
@@ -97,6 +97,41 @@ class EngineSettings(_Section):
     )
 
 
+class RouterSettings(_Section):
+    """Failover between the engines of the chain."""
+
+    first_token_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="A backend that gives no first token within this time fails the request over."
+    )
+    breaker_failures: int = Field(3, ge=1, le=100, description="Consecutive failures that open a backend's breaker.")
+    breaker_cooldown_s: float = Field(
+        10.0, gt=0, le=3600, description="Seconds an open breaker waits before one probe request (half-open)."
+    )
+    restart_backoff_s: float = Field(2.0, gt=0, le=600, description="First wait before restarting a dead backend.")
+    restart_backoff_max_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest wait between restarts (the wait doubles after each failure)."
+    )
+    continue_streams: bool = Field(
+        True, description="A stream whose backend dies continues on the next one with the text so far as prefix; "
+        "off: the stream ends with an error event.",
+    )
+
+
+class AdmissionSettings(_Section):
+    """KV-token admission in front of each backend."""
+
+    max_queue: int = Field(64, ge=0, le=100_000, description="Requests that may wait for KV capacity; more get 429.")
+    queue_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait in the queue before a 429 with Retry-After."
+    )
+    overflow: bool = Field(
+        False, description="When the primary's queue is full, send the request to the next backend instead of 429."
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, le=1_048_576, description="max_tokens assumed for chat requests that do not set it."
+    )
+
+
 class ServerSettings(_Section):
     """Where the OpenAI-compatible endpoint listens."""
 
@@ -105,6 +140,12 @@ class ServerSettings(_Section):
     api_key: str | None = Field(None, min_length=16, description="Bearer token required on /v1/* (keep it in an EnvironmentFile).")
     insecure: bool = Field(False, description="Allow a non-loopback bind without an API key.")
     log_prompts: bool = Field(False, description="Log prompt and completion text (off: only sizes are logged).")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="On SIGTERM, how long running requests may finish before the engines stop."
+    )
+    model_name: str | None = Field(
+        None, min_length=1, description="Name served on /v1/models and accepted as 'model' (default: the model's name)."
+    )
 
 
 class Settings(BaseSettings):
@@ -117,6 +158,8 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings, description="Model to serve.")
     planner: PlannerSettings = Field(default_factory=PlannerSettings, description="Planner knobs.")
     engines: EngineSettings = Field(default_factory=EngineSettings, description="Engines and fallback chain.")
+    router: RouterSettings = Field(default_factory=RouterSettings, description="Failover and restarts.")
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings, description="KV-token admission.")
     server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP endpoint.")
     profile: str | None = Field(
         None, description="Plan for a hardware profile (profiles/NAME.yaml) instead of this host."
@@ -148,19 +191,7 @@ def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
         if required:
             raise ConfigError(f"config file {path} does not exist; create it or drop --config/NODE_AGENT_CONFIG")
         return {}
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, server:, ...), not {type(data).__name__}")
-    return data
+    return read_mapping(path, "config file", ConfigError, empty_ok=True)
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,10 @@ class LlamaCppBackend:
         if p.type_v != "f16":
             kwargs["type_v"] = _GGML_TYPES[p.type_v]
         instances = [llama_cpp.Llama(model_path=str(self.model_path), **kwargs) for _ in range(p.instances)]
+        for llm in instances:
+            # Warm-up: page the mmapped weights in and build the compute graph now, so the first
+            # request (often a failover from vLLM) does not pay for it.
+            llm.create_completion(prompt=llm.tokenize(b"Hello"), max_tokens=1, temperature=0)
         self._vocab = llama_cpp.Llama(model_path=str(self.model_path), vocab_only=True, verbose=False)
         first = instances[0]
         template = first.metadata.get("tokenizer.chat_template")
@@ -163,8 +167,10 @@ class LlamaCppBackend:
         finally:
             cancel.set()  # the worker closes the generator at its next token
             self._active.pop(request.request_id, None)
-            await asyncio.shield(worker)
-            self._pool.put_nowait(llm)
+            # The instance goes back when the worker thread is done, with no await here: a client
+            # that leaves cancels this task, and under anyio every await in a finally is cancelled too.
+            pool = self._pool
+            worker.add_done_callback(lambda _: pool.put_nowait(llm) if pool is not None else None)
 
     def _count_completion(self, text: str) -> int:
         return len(self._vocab.tokenize(text.encode(), add_bos=False, special=False)) if text else 0

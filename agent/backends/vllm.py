@@ -145,6 +145,8 @@ class VllmBackend:
         if self._engine is not None and self._state.state in (BackendState.READY, BackendState.DEGRADED):
             self._state.move(BackendState.FAILED, error="vLLM EngineCore died")
             log.error("vLLM EngineCore (pid %s) died", self.engine_pid)
+        if self._engine is not None and self._engine.errored:
+            _reap_orphans()
 
     async def stop(self) -> None:
         engine, self._engine = self._engine, None
@@ -215,6 +217,17 @@ class VllmBackend:
     def health(self) -> Health:
         return self._state.health({"model": self.model_name, "engine_pid": self.engine_pid,
                                    "kv_cache_tokens": self._kv_tokens})
+
+
+def _reap_orphans() -> None:
+    """Kill what is left of a dead engine: vLLM's worker processes outlive a killed EngineCore by
+    seconds, spinning on the CPU the fallback now needs."""
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if proc.name().startswith("VLLM::"):
+                proc.kill()
 
 
 class _ErrorLog:

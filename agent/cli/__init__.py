@@ -126,6 +126,38 @@ def plan(
     raise typer.Exit(0 if result.fits else 1)
 
 
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Overrides model.ref: an HF model directory (vLLM), a .gguf, or 'default'.")] = None,
+    gguf: Annotated[Optional[str], typer.Option(help="Overrides model.gguf: the GGUF for the llama.cpp fallback.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Overrides server.host (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Overrides server.port (default 8080).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback bind without an API key.")] = False,
+) -> None:
+    """Serve the model on one OpenAI-compatible endpoint, vLLM first and llama.cpp behind it."""
+    import logging
+
+    from agent.hardware import detect as detect_host
+    from agent.serving.run import serve as run_server
+
+    overrides: dict = {}
+    if model:
+        overrides.setdefault("model", {})["ref"] = model
+    if gguf:
+        overrides.setdefault("model", {})["gguf"] = gguf
+    for key, value in (("host", host), ("port", port), ("insecure", insecure or None)):
+        if value is not None:
+            overrides.setdefault("server", {})[key] = value
+    settings = load(config, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = run_server(settings, detect_host(settings.profile))
+    except NodeAgentError as exc:
+        fail(exc)
+    raise typer.Exit(code)
+
+
 @app.command("config")
 def show_config(
     config: ConfigOpt = None,

