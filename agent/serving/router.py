@@ -223,7 +223,16 @@ class Router:
             attempt = request if not produced else dataclasses.replace(
                 request, assistant_prefix=request.assistant_prefix + produced,
                 max_tokens=max(1, request.max_tokens - produced_tokens))
-            route, ticket = await self._admit(route, attempt, tried)
+            try:
+                route, ticket = await self._admit(route, attempt, tried)
+            except (BackendDied, BackendNotReady) as exc:  # it died between the pick and the admission
+                route.breaker.failure(time.monotonic(), fatal=True)
+                reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+                prev, switch_started = route.name, time.monotonic()
+                continue
+            except BaseException:
+                route.breaker.probing = False  # the probe never reached the engine: let the next one try
+                raise
             carried, done = produced_tokens, 0
             gen = route.backend.generate(attempt)
             try:

@@ -27,6 +27,7 @@ class Script:
     stall: bool = False  # never produce a first token
     fail_starts: int = 0  # the next N start() calls fail
     context: int = 100
+    die_on_count: bool = False  # die while the router counts the prompt (before generate)
     delay: float = 0.0
 
 
@@ -56,6 +57,9 @@ class FakeBackend:
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         self._state.require_serving()
+        if self.script.die_on_count:
+            self._state.move(BackendState.FAILED, error="scripted death")
+            raise BackendDied(f"{self.name} died")
         text = request.prompt or " ".join(m["content"] for m in request.messages or ())
         n = len(text.split())
         if n >= self.script.context:

@@ -166,3 +166,28 @@ def test_prompt_longer_than_the_context_is_a_400_not_a_failover():
         await r.stop()
     asyncio.run(run())
     assert fallback.requests == []
+
+
+def test_backend_dying_before_generation_fails_over_too():
+    async def run():
+        r = await started(router(FakeBackend("vllm", Script(die_on_count=True)), FakeBackend("llamacpp")))
+        out = await r.complete(req())
+        await r.stop()
+        return out
+    backend, text, _ = asyncio.run(run())
+    assert backend == "llamacpp" and text == "abcdef"
+
+
+def test_a_probe_that_never_reaches_the_engine_does_not_wedge_the_breaker():
+    from agent.serving.errors import ContextTooLong as TooLong
+
+    async def run():
+        primary = FakeBackend("vllm", Script(context=3))
+        r = await started(router(primary, FakeBackend("llamacpp")))
+        r.routes[0].breaker.state = "half_open"
+        with pytest.raises(TooLong):
+            await r.complete(GenerationRequest("x", 4, prompt="one two three four five"))
+        probing = r.routes[0].breaker.probing
+        await r.stop()
+        return probing
+    assert asyncio.run(run()) is False
