@@ -16,7 +16,7 @@ from agent.catalog.types import ModelSpec
 from agent.errors import PlanError
 from agent.hardware.types import HostInfo
 from agent.planner import memory as mem
-from agent.planner.budget import budgets, gib
+from agent.planner.budget import budgets, gib, margin_reason
 from agent.planner.types import GpuBudget, Pins, VllmPlan
 from agent.settings import PlannerSettings
 
@@ -300,7 +300,6 @@ def _weights_refusal(ctx: _Ctx, q: str) -> str | None:
 
 
 def _reasons(ctx: _Ctx, c: VllmPlan, others: list[VllmPlan], host: HostInfo, refusals: list[str]) -> list[str]:
-    from agent.planner.budget import margin_reason
 
     r = [margin_reason(host.gpus[i], ctx.s, reserve_fallback=True) for i in c.devices]
     qname = {"none": c.dtype}.get(c.quantization, c.quantization)
