@@ -300,7 +300,6 @@ def _weights_refusal(ctx: _Ctx, q: str) -> str | None:
 
 
 def _reasons(ctx: _Ctx, c: VllmPlan, others: list[VllmPlan], host: HostInfo, refusals: list[str]) -> list[str]:
-
     r = [margin_reason(host.gpus[i], ctx.s, reserve_fallback=True) for i in c.devices]
     qname = {"none": c.dtype}.get(c.quantization, c.quantization)
     better = " (higher-quality options refused: see refusals)" if c.quantization != "none" else ""
