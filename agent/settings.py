@@ -111,6 +111,10 @@ class RouterSettings(_Section):
     restart_backoff_max_s: float = Field(
         120.0, gt=0, le=3600, description="Longest wait between restarts (the wait doubles after each failure)."
     )
+    max_restart_attempts: int = Field(
+        5, ge=1, le=10_000, description="Failed starts in a row (the first start included) after which a backend is "
+        "given up; when every backend of the chain is given up the agent exits with status 3, so systemd restarts it.",
+    )
     continue_streams: bool = Field(
         True, description="A stream whose backend dies continues on the next one with the text so far as prefix; "
         "off: the stream ends with an error event.",
@@ -137,7 +141,7 @@ class ServerSettings(_Section):
 
     host: str = Field("127.0.0.1", min_length=1, description="Bind address; non-loopback needs api_key or insecure.")
     port: int = Field(8080, ge=1, le=65535, description="TCP port.")
-    api_key: str | None = Field(None, min_length=16, description="Bearer token required on /v1/* (keep it in an EnvironmentFile).")
+    api_key: str | None = Field(None, min_length=16, description="Bearer token required on the inference API, /v1/* except /v1/node (keep it in an EnvironmentFile).")
     insecure: bool = Field(False, description="Allow a non-loopback bind without an API key.")
     log_prompts: bool = Field(False, description="Log prompt and completion text (off: only sizes are logged).")
     drain_timeout_s: float = Field(
@@ -145,6 +149,22 @@ class ServerSettings(_Section):
     )
     model_name: str | None = Field(
         None, min_length=1, description="Name served on /v1/models and accepted as 'model' (default: the model's name)."
+    )
+
+
+class HealthSettings(_Section):
+    """What the gateway and systemd see: /health/*, /v1/node, /metrics."""
+
+    token: str | None = Field(
+        None, min_length=16, description="Bearer token required on /health/*, /v1/node and /metrics (separate from "
+        "server.api_key; unset: they are open, as a gateway's probes expect).",
+    )
+    node_id: str | None = Field(
+        None, min_length=1, max_length=128,
+        description="This node's id in /v1/node (default: derived from /etc/machine-id, else the hostname).",
+    )
+    gpu_poll_interval_s: float = Field(
+        2.0, ge=0.1, le=600, description="How often NVML is read for /v1/node, /metrics and VRAM pressure.",
     )
 
 
@@ -161,6 +181,7 @@ class Settings(BaseSettings):
     router: RouterSettings = Field(default_factory=RouterSettings, description="Failover and restarts.")
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings, description="KV-token admission.")
     server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP endpoint.")
+    health: HealthSettings = Field(default_factory=HealthSettings, description="Health, node report and metrics.")
     profile: str | None = Field(
         None, description="Plan for a hardware profile (profiles/NAME.yaml) instead of this host."
     )

@@ -36,6 +36,7 @@ class FakeNvml:
     def __init__(self, profile: Profile) -> None:
         self._profile = profile
         self._initialized = False
+        self._held: dict[int, int] = {}  # extra bytes "another process" took, per handle (hold())
         # Remote end of every NVLink, per GPU: links are handed out pair by pair.
         self._nvlink_peer: list[list[int]] = [[] for _ in profile.gpus]
         for link in profile.links:
@@ -117,10 +118,14 @@ class FakeNvml:
     def nvmlDeviceGetPciInfo(self, handle: int) -> SimpleNamespace:
         return SimpleNamespace(busId=self._gpu(handle).pci_bus_id)
 
+    def hold(self, handle: int, used_bytes: int) -> None:
+        """Fault injection: another process now holds ``used_bytes`` more on this GPU (0 frees it)."""
+        self._held[handle] = used_bytes
+
     def nvmlDeviceGetMemoryInfo(self, handle: int, version: int | None = None) -> SimpleNamespace:
         gpu = self._gpu(handle)
-        total, used, reserved = (gpu.memory_total_mib * _MIB, gpu.memory_used_mib * _MIB,
-                                 gpu.memory_reserved_mib * _MIB)
+        total, reserved = gpu.memory_total_mib * _MIB, gpu.memory_reserved_mib * _MIB
+        used = min(total, gpu.memory_used_mib * _MIB + self._held.get(handle, 0))
         if version is None:
             return SimpleNamespace(total=total, free=total - used, used=used)
         if "memory_v2" in gpu.unsupported:
@@ -133,6 +138,12 @@ class FakeNvml:
 
     def nvmlDeviceGetPowerManagementLimit(self, handle: int) -> int:
         return int(self._gpu(handle, "power_limit").power_limit_w * 1000)
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
+        gpu = self._gpu(handle)
+        if gpu.power_draw_w is None:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return int(gpu.power_draw_w * 1000)
 
     def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
         return self._gpu(handle, "temperature").temperature_c

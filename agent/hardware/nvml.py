@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from agent.hardware.types import GpuInfo, GpuLink, GpuProcess
+from agent.hardware.types import GpuInfo, GpuLink, GpuProcess, GpuSample
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +185,45 @@ def _read_link(nvml: Any, optional: _Optional, ga: GpuInfo, ha: Any, gb: GpuInfo
                      if getattr(nvml, const) == ancestor), "unknown")
     count = _count_nvlinks(nvml, optional, ha, gb.pci_bus_id) if nvlink_cap else 0
     return GpuLink(a=ga.index, b=gb.index, p2p=p2p, nvlink=nvlink_cap, nvlink_count=count, topology=topology)
+
+
+class NvmlSampler:
+    """Live figures for the GPUs the agent serves on, with NVML kept open between samples.
+
+    ``gpus`` are the detected devices (their ``nvml_index`` picks the handle). A sample that
+    fails (driver gone, GPU fell off the bus) raises ``nvml.NVMLError``; the caller reports it.
+    """
+
+    def __init__(self, nvml: Any, gpus: tuple[GpuInfo, ...]) -> None:
+        self._nvml = nvml
+        self._gpus = gpus
+        self._handles: list[Any] | None = None
+        self._optional = _Optional(nvml) if gpus else None
+
+    def sample(self) -> tuple[GpuSample, ...]:
+        if not self._gpus:
+            return ()
+        nvml, optional = self._nvml, self._optional
+        if self._handles is None:
+            nvml.nvmlInit()
+            self._handles = [nvml.nvmlDeviceGetHandleByIndex(g.nvml_index) for g in self._gpus]
+        out = []
+        for gpu, handle in zip(self._gpus, self._handles):
+            total, free, used, _ = _read_memory(nvml, handle)
+            util = optional(nvml.nvmlDeviceGetUtilizationRates, handle)
+            power_mw = optional(nvml.nvmlDeviceGetPowerUsage, handle)
+            out.append(GpuSample(
+                index=gpu.index, uuid=gpu.uuid, name=gpu.name, memory_total_bytes=total,
+                memory_used_bytes=total - free, memory_free_bytes=free,
+                utilization_gpu_pct=util.gpu if util is not None else None,
+                temperature_c=optional(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
+                power_watts=power_mw / 1000 if power_mw is not None else None))
+        return tuple(out)
+
+    def close(self) -> None:
+        if self._handles is not None:
+            self._handles = None
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError:  # pragma: no cover - nothing to report at shutdown
+                log.debug("nvmlShutdown failed", exc_info=True)

@@ -45,6 +45,7 @@ class ProfileGpu(_Strict):
     memory_reserved_mib: int = Field(0, ge=0, description="Driver reserve, reported separately by NVML v2.")
     compute_capability: tuple[int, int]
     power_limit_w: float = Field(gt=0)
+    power_draw_w: float | None = Field(None, ge=0, description="Live draw; absent: NVML answers NotSupported.")
     temperature_c: int = Field(ge=0, le=120)
     utilization_gpu_pct: int = Field(0, ge=0, le=100)
     utilization_memory_pct: int = Field(0, ge=0, le=100)

@@ -48,6 +48,21 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class GpuSample:
+    """One GPU's live figures, read while serving (``NvmlSampler``); ``None``: not supported."""
+
+    index: int  # CUDA ordinal
+    uuid: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    memory_free_bytes: int
+    utilization_gpu_pct: int | None
+    temperature_c: int | None
+    power_watts: float | None
+
+
+@dataclass(frozen=True)
 class GpuLink:
     """How two GPUs (CUDA indices ``a`` < ``b``) talk to each other."""
 

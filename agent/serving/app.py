@@ -1,8 +1,9 @@
 """The FastAPI app: one OpenAI-compatible endpoint in front of the router.
 
-``create_app(settings, router, model_name)`` builds it; all state lives on the objects passed
-in, none at module level. Handlers never branch on which engine serves: the router decides and
-the ``x-node-agent-backend`` header names it.
+``create_app(settings, node)`` builds it; all state lives on the objects passed in, none at
+module level. Handlers never branch on which engine serves: the router decides and the
+``x-node-agent-backend`` header names it. The health endpoints (/health/*, /v1/node, /metrics)
+never touch admission or an engine, and take their own token (``health.token``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from collections.abc import AsyncIterator
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import __version__
-from agent.serving.errors import ApiError, InvalidRequest, ModelNotFound, NotReady, Unauthorized
+from agent.serving.errors import ApiError, InvalidRequest, ModelNotFound, Unauthorized
+from agent.serving.metrics import CONTENT_TYPE, ENDPOINTS
+from agent.serving.node import Node
 from agent.serving.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,13 +51,15 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(f"{param or 'body'}: {msg}", param=param)
 
 
-def create_app(settings: Settings, router: Router, model_name: str) -> FastAPI:
-    """The ASGI app; the caller owns the router's lifecycle (start/stop)."""
+def create_app(settings: Settings, node: Node) -> FastAPI:
+    """The ASGI app; the caller owns the router's and the monitor's lifecycles."""
+    router, model_name = node.router, node.model_name
     app = FastAPI(title="node-agent", version=__version__, docs_url=None, redoc_url=None)
-    app.state.router = router
+    app.state.node = node
     app.state.settings = settings
-    app.state.model_name = model_name
+    app.add_middleware(RequestMetrics, telemetry=node.telemetry)
     api_key = settings.server.api_key
+    health_token = settings.health.token
     default_max = settings.admission.default_max_tokens
 
     @app.exception_handler(ApiError)
@@ -82,7 +87,14 @@ def create_app(settings: Settings, router: Router, model_name: str) -> FastAPI:
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
 
+    async def authorize_health(request: Request) -> None:
+        if health_token:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {health_token}".encode()):
+                raise Unauthorized("missing or wrong health token (Authorization: Bearer <health.token>)")
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    health = APIRouter(dependencies=[Depends(authorize_health)])
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -138,24 +150,65 @@ def create_app(settings: Settings, router: Router, model_name: str) -> FastAPI:
             return out
         return await _sse(router.stream(gen), frame)
 
-    app.include_router(v1)
-
-    @app.get("/health/live")
+    @health.get("/health/live")
     async def live() -> dict:
+        # Answering at all is the point: the process and its event loop are alive.
         return {"status": "ok"}
 
-    @app.get("/health/ready")
+    @health.get("/health/ready")
     async def ready() -> JSONResponse:
-        serving = router.serving()
-        if not serving:
-            err = NotReady("no backend can serve: " + ", ".join(
-                f"{r.name} {r.backend.state.value}" for r in router.routes))
-            return JSONResponse({"status": "unavailable", "reason": err.message}, status_code=503,
-                                headers=err.headers)
-        primary = serving[0] is router.routes[0]
-        return JSONResponse({"status": "ok" if primary else "degraded", "backend": serving[0].name})
+        r = node.monitor.compute_readiness()
+        if r.serving:
+            body = {"status": r.status, "backend": r.backend}
+            if r.reason:
+                body["reason"] = r.reason
+            return JSONResponse(body)
+        body = {"status": r.status, "reason": r.reason}
+        if r.progress:
+            body["progress"] = r.progress
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5" if r.status == "loading" else "30"})
 
+    @health.get("/v1/node")
+    async def node_report() -> dict:
+        return node.document()
+
+    @health.get("/metrics")
+    async def metrics() -> Response:
+        return Response(node.telemetry.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(health)  # /v1/node is here, under the health token, not the API key
+    app.include_router(v1)
     return app
+
+
+class RequestMetrics:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which breaks disconnects): counts each
+    inference request by endpoint, serving backend (from the response header) and status."""
+
+    def __init__(self, app, telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path not in ENDPOINTS:
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        seen = {"status": 500, "backend": None}
+
+        async def watch(message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                for k, v in message.get("headers", ()):
+                    if k == BACKEND_HEADER.encode():
+                        seen["backend"] = v.decode()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self.telemetry.request_done(path, seen["backend"], seen["status"], time.monotonic() - started)
 
 
 async def _sse(events: AsyncIterator[Served], frame) -> StreamingResponse:

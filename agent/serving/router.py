@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent.backends.base import (
     Backend,
@@ -88,6 +89,8 @@ class Route:
     admission: Admission
     breaker: Breaker
     restarts: int = 0
+    failed_restarts: int = 0  # consecutive; reset by a successful restart
+    gave_up: bool = False  # failed_restarts reached router.max_restart_attempts
     supervisor: asyncio.Task | None = None
 
     @property
@@ -107,18 +110,37 @@ class Served:
 class Counters:
     """What the router has done, for /v1/node and /metrics."""
 
-    switches: collections.Counter = field(default_factory=collections.Counter)  # (from, to, reason)
+    switches: collections.Counter = field(default_factory=collections.Counter)  # (from, to, reason kind)
+
+
+class Observer(Protocol):
+    """Told about each request the router serves (``agent.serving.metrics.Telemetry``)."""
+
+    def first_token(self, backend: str, seconds: float) -> None: ...
+
+    def finished(self, backend: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+class _NoObserver:
+    def first_token(self, backend: str, seconds: float) -> None:
+        pass
+
+    def finished(self, backend: str, prompt_tokens: int, completion_tokens: int) -> None:
+        pass
 
 
 class Router:
     """Owns the routes; the request handlers only call ``stream``/``complete``."""
 
-    def __init__(self, backends: list[Backend], rs: RouterSettings, ad: AdmissionSettings) -> None:
+    def __init__(self, backends: list[Backend], rs: RouterSettings, ad: AdmissionSettings,
+                 observer: Observer | None = None) -> None:
         self.settings = rs
+        self.observer: Observer = observer or _NoObserver()
         self.admission_settings = ad
         self.routes = [Route(b, Admission(b.name, b.capacity, ad.max_queue, ad.queue_timeout_s),
                              Breaker(rs.breaker_failures, rs.breaker_cooldown_s)) for b in backends]
         self.counters = Counters()
+        self.exhausted = asyncio.Event()  # every backend given up: nothing will serve again
         self._stopping = False
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -130,6 +152,7 @@ class Router:
             except BackendStartError as exc:
                 log.error("%s did not start: %s", route.name, exc.reason)
                 route.breaker.failure(time.monotonic(), fatal=True)
+                route.failed_restarts = 1
             route.supervisor = asyncio.create_task(self._supervise(route), name=f"supervise-{route.name}")
 
     async def stop(self) -> None:
@@ -140,25 +163,40 @@ class Router:
         await asyncio.gather(*(r.backend.stop() for r in self.routes), return_exceptions=True)
 
     async def _supervise(self, route: Route) -> None:
-        """Restart a failed backend with bounded exponential backoff."""
+        """Restart a failed backend with bounded exponential backoff; give it up after
+        ``max_restart_attempts`` failed restarts in a row."""
         delay = self.settings.restart_backoff_s
         while not self._stopping:
             if route.backend.state is not BackendState.FAILED:
                 await asyncio.sleep(0.1)
                 continue
+            if route.failed_restarts >= self.settings.max_restart_attempts:
+                self._give_up(route)
+                return
             log.warning("%s failed (%s); restarting in %.1f s", route.name, route.backend.health().last_error, delay)
             await asyncio.sleep(delay)
             try:
                 await route.backend.stop()
                 await route.backend.start()
             except BackendStartError as exc:
-                log.error("%s restart failed: %s", route.name, exc.reason)
+                route.failed_restarts += 1
+                log.error("%s restart failed (%d of %d): %s", route.name, route.failed_restarts,
+                          self.settings.max_restart_attempts, exc.reason)
                 delay = min(delay * 2, self.settings.restart_backoff_max_s)
                 continue
             route.restarts += 1
+            route.failed_restarts = 0
             route.breaker.success()
             delay = self.settings.restart_backoff_s
             log.info("%s is back (restart %d)", route.name, route.restarts)
+
+    def _give_up(self, route: Route) -> None:
+        route.gave_up = True
+        log.error("%s is given up after %d failed restarts in a row: %s", route.name, route.failed_restarts,
+                  route.backend.health().last_error)
+        if all(r.gave_up for r in self.routes):
+            log.critical("no backend can serve: every engine of the chain failed and was given up")
+            self.exhausted.set()
 
     # --- choosing ------------------------------------------------------------------------
     def serving(self) -> list[Route]:
@@ -175,7 +213,7 @@ class Router:
         return None
 
     def _switch(self, request_id: str, frm: str, to: str | None, reason: str, started: float) -> None:
-        self.counters.switches[(frm, to or "none", reason)] += 1
+        self.counters.switches[(frm, to or "none", reason.split(":", 1)[0])] += 1
         events.info(json.dumps({"event": "fallback", "ts": time.time(), "request_id": request_id, "from": frm,
                                 "to": to, "reason": reason, "latency_ms": round((time.monotonic() - started) * 1000, 2)}))
 
@@ -209,6 +247,7 @@ class Router:
         starts over (non-streamed requests, via ``complete``).
         """
         tried: set[str] = set()
+        t0, first = time.monotonic(), True
         produced, produced_tokens = "", 0
         prev, switch_started, reason = None, 0.0, ""
         while True:
@@ -244,8 +283,12 @@ class Router:
                     d = None
                 while d is not None:
                     done = d.completion_tokens or done
+                    if first:
+                        first = False
+                        self.observer.first_token(route.name, time.monotonic() - t0)
                     if d.finish_reason is not None:
                         d = dataclasses.replace(d, completion_tokens=d.completion_tokens + carried)
+                        self.observer.finished(route.name, d.prompt_tokens, d.completion_tokens)
                     elif resume and d.text:
                         produced += d.text
                         produced_tokens += 1  # engines stream about one token per delta

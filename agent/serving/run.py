@@ -1,6 +1,9 @@
 """``node-agent serve``: settings → detect → plan → backends → HTTP server → drain → stop.
 
 Backends start in the background once the server listens, so health checks can report loading.
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for bad settings, 3 when no backend can
+serve after every engine of the chain was retried and given up (systemd's Restart=on-failure
+then restarts the agent).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from agent.planner import Pins, plan
 from agent.planner.llamacpp import plan_llamacpp
 from agent.serving.router import Router
 from agent.settings import Settings
+from agent.systemd import Notifier
 
 log = logging.getLogger(__name__)
+EXIT_NOTHING_SERVES = 3
 
 
 @dataclass(frozen=True)
@@ -95,32 +100,76 @@ def assemble(settings: Settings, host: HostInfo) -> Assembly:
     return Assembly(backends, name, tuple(notes))
 
 
-def serve(settings: Settings, host: HostInfo) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+def gpu_sampler(settings: Settings, host: HostInfo):
+    """Live NVML reads for the detected GPUs (through the profile's fake NVML when one is set)."""
+    from agent.hardware.nvml import NvmlSampler
+
+    if not host.gpus:
+        return None
+    if settings.profile:
+        from agent.hardware.fake_nvml import FakeNvml
+        from agent.hardware.profiles import load_profile
+
+        return NvmlSampler(FakeNvml(load_profile(settings.profile)), host.gpus)
+    import pynvml
+
+    return NvmlSampler(pynvml, host.gpus)
+
+
+def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) -> int:
+    """Run until SIGTERM/SIGINT (0) or until nothing can serve (3); returns the exit code."""
     import uvicorn
 
     from agent.serving.app import create_app
+    from agent.serving.node import build_node
 
     check_bind(settings)
     parts = assemble(settings, host)
     for note in parts.notes:
         log.warning("%s", note)
+    notifier = notifier or Notifier()
     router = Router(parts.backends, settings.router, settings.admission)
+    node = build_node(settings, router, parts.model_name, gpu_sampler(settings, host), notifier, host.hostname)
+    exit_code = 0
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            log.info("signal %d: draining (up to %g s), then stopping", sig, settings.server.drain_timeout_s)
+            notifier.stopping()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after its shutdown, so the process would die "killed by
+            # SIGTERM"; a drained stop is a clean one: exit 0.
+            getattr(self, "_captured_signals", []).clear()
+
+    async def give_up_watch(server: Server) -> None:
+        nonlocal exit_code
+        await router.exhausted.wait()
+        exit_code = EXIT_NOTHING_SERVES
+        notifier.stopping("no backend can serve; exiting")
+        server.should_exit = True
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        starting = asyncio.create_task(router.start(), name="start-backends")
+        tasks = [asyncio.create_task(router.start(), name="start-backends"),
+                 asyncio.create_task(node.monitor.run(), name="monitor"),
+                 asyncio.create_task(notifier.watchdog_loop(), name="watchdog"),
+                 asyncio.create_task(give_up_watch(server), name="give-up")]
         try:
             yield
         finally:
-            starting.cancel()
+            for task in tasks:
+                task.cancel()
             await router.stop()
+            notifier.close()
 
-    app = create_app(settings, router, parts.model_name)
+    app = create_app(settings, node)
     app.router.lifespan_context = lifespan
     log.info("serving %s on http://%s:%d with %s", parts.model_name, settings.server.host, settings.server.port,
              " -> ".join(b.name for b in parts.backends))
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level="info",
                             timeout_graceful_shutdown=settings.server.drain_timeout_s, access_log=False)
-    uvicorn.Server(config).run()
-    return 0
+    server = Server(config)
+    server.run()
+    if exit_code:
+        log.critical("exiting with status %d: no backend can serve", exit_code)
+    return exit_code

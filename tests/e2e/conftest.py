@@ -69,14 +69,14 @@ def start_server(tmp_path_factory):
     """Start a server with the given settings (a dict written as the config file)."""
     servers: list[Server] = []
 
-    def start(config: dict) -> Server:
+    def start(config: dict, env: dict | None = None) -> Server:
         port = free_port()
         workdir = tmp_path_factory.mktemp("serve")
         cfg = workdir / "config.yaml"
         config = {**config, "server": {**config.get("server", {}), "port": port}}
         cfg.write_text(yaml.safe_dump(config))
         log = workdir / "serve.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_AGENT_")}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("NODE_AGENT_")}, **(env or {})}
         proc = subprocess.Popen([*node_agent(), "serve", "--config", str(cfg)], stdout=log.open("w"),
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
         server = Server(proc, f"http://127.0.0.1:{port}", log)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from agent.serving.app import create_app
+from agent.serving.node import build_node
 from agent.serving.router import Router
 from agent.settings import Settings
 from tests.unit.fake_backend import FakeBackend, Script
@@ -18,7 +19,7 @@ from tests.unit.fake_backend import FakeBackend, Script
 def app_and_router(settings: dict, *backends):
     s = Settings.model_validate(settings)
     router = Router(list(backends), s.router, s.admission)
-    return create_app(s, router, "m"), router
+    return create_app(s, build_node(s, router, "m")), router
 
 
 async def call(app, router, method, path, **kwargs):
@@ -81,7 +82,9 @@ def test_unknown_path_uses_the_envelope():
 def test_ready_says_degraded_when_the_fallback_serves():
     app, router = app_and_router({}, FakeBackend("vllm", Script(fail_starts=99)), FakeBackend("llamacpp"))
     r = asyncio.run(call(app, router, "GET", "/health/ready"))
-    assert r.status_code == 200 and r.json() == {"status": "degraded", "backend": "llamacpp"}
+    body = r.json()
+    assert r.status_code == 200 and (body["status"], body["backend"]) == ("degraded", "llamacpp")
+    assert body["reason"] == "serving from the fallback llamacpp; vllm is failed"
 
 
 @pytest.mark.parametrize("server, ok", [

@@ -1,0 +1,174 @@
+"""Watches the node while it serves: readiness for /health/ready and systemd, live GPU figures
+from NVML, and VRAM pressure that shrinks the admission budget.
+
+One ``NodeMonitor`` per server. Its loop ticks every ``TICK_S`` (readiness, cheap) and reads NVML
+every ``health.gpu_poll_interval_s`` in a worker thread (an NVML call can take milliseconds and
+must never stall the event loop that answers /health). The systemd watchdog is fed by its own
+task on the same loop (``Notifier.watchdog_loop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from agent.hardware.nvml import NvmlSampler
+from agent.hardware.types import MIB, GpuSample
+from agent.planner.types import GpuBudget
+from agent.serving.router import Route, Router
+from agent.systemd import Notifier
+
+log = logging.getLogger(__name__)
+TICK_S = 0.1
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What /health/ready answers: ``status`` is ok | degraded | loading | unavailable."""
+
+    status: str
+    backend: str | None
+    reason: str | None = None
+    progress: dict | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.status in ("ok", "degraded")
+
+
+def vram_pressure(gpus: tuple[GpuBudget, ...], samples: dict[int, GpuSample], margin_bytes: int
+                  ) -> tuple[float, str | None]:
+    """Share of a backend's KV budget usable now, and why it is below 1.
+
+    The plan leaves ``margin_bytes`` free on each GPU it uses. When free memory drops below that,
+    another process took it: the budget shrinks by the deficit's share of the KV memory planned on
+    that GPU (fewer running sequences, smaller activation peaks), down to zero.
+    """
+    share, reason = 1.0, None
+    for g in gpus:
+        s = samples.get(g.index)
+        if s is None or g.kv_bytes <= 0:
+            continue
+        deficit = margin_bytes - s.memory_free_bytes
+        if deficit <= 0:
+            continue
+        gpu_share = max(0.0, 1.0 - deficit / g.kv_bytes)
+        if gpu_share < share:
+            share = gpu_share
+            reason = (f"GPU {g.index}: {s.memory_free_bytes // MIB} MiB free, below the {margin_bytes // MIB} MiB "
+                      f"margin (another process took memory); KV budget cut to {gpu_share:.0%}")
+    return share, reason
+
+
+class NodeMonitor:
+    """Readiness, GPU samples and VRAM pressure; notifies systemd of what changes."""
+
+    def __init__(self, router: Router, sampler: NvmlSampler | None, margin_bytes: int, poll_s: float,
+                 notifier: Notifier | None = None) -> None:
+        self.router = router
+        self.sampler = sampler
+        self.margin_bytes = margin_bytes
+        self.poll_s = poll_s
+        self.notifier = notifier or Notifier({})
+        self.started_at = time.time()
+        self.gpus: tuple[GpuSample, ...] = ()
+        self.gpus_at: float | None = None
+        self.gpu_error: str | None = None
+        self.pressure: dict[str, str] = {}  # backend -> why its budget is cut
+        self.ever_ready = False
+        self.readiness = self.compute_readiness()
+
+    # --- readiness -----------------------------------------------------------------------
+    def compute_readiness(self) -> Readiness:
+        """ok: the chain's first backend serves; degraded: a later one serves, or VRAM pressure;
+        loading: nothing serves yet and something is starting; unavailable: nothing serves."""
+        router = self.router
+        serving = router.serving()
+        if serving:
+            route = serving[0]
+            why = []
+            if route is not router.routes[0]:
+                first = router.routes[0]
+                if first.backend.state.value == "starting":
+                    why.append(f"serving from the fallback {route.name} while {first.name} starts")
+                else:
+                    why.append(f"serving from the fallback {route.name}; {first.name} is {first.backend.state.value}")
+            why += [f"{name}: {text}" for name, text in self.pressure.items()]
+            return Readiness("degraded" if why else "ok", route.name, "; ".join(why) or None)
+        states = ", ".join(f"{r.name} {r.backend.state.value}" for r in router.routes)
+        starting = [r for r in router.routes if r.backend.state.value == "starting"]
+        waiting = [r for r in router.routes if r.backend.state.value in ("stopped", "failed") and not r.gave_up]
+        if starting or (waiting and not self.ever_ready):
+            now = time.time()
+            progress = {
+                "backends_ready": 0,
+                "backends_total": len(router.routes),
+                "backends": [{"name": r.name, "state": r.backend.state.value,
+                              "for_s": round(now - r.backend.health().since, 1)} for r in router.routes],
+            }
+            return Readiness("loading", None, f"loading the model ({states})", progress)
+        return Readiness("unavailable", None, f"no backend can serve ({states})")
+
+    def _update_readiness(self) -> None:
+        new = self.compute_readiness()
+        old, self.readiness = self.readiness, new
+        if new.serving and not self.ever_ready:
+            self.ever_ready = True
+            self.notifier.ready(_status_line(new))
+            log.info("ready: serving from %s", new.backend)
+        elif (new.status, new.backend, new.reason) != (old.status, old.backend, old.reason):
+            self.notifier.status(_status_line(new))
+            level = logging.INFO if new.status == "ok" else logging.WARNING
+            log.log(level, "health: %s%s", new.status, f" ({new.reason})" if new.reason else "")
+
+    # --- GPUs ----------------------------------------------------------------------------
+    def _apply_samples(self, samples: tuple[GpuSample, ...]) -> None:
+        self.gpus, self.gpus_at, self.gpu_error = samples, time.time(), None
+        by_index = {s.index: s for s in samples}
+        for route in self.router.routes:
+            plan_gpus = getattr(getattr(route.backend, "plan", None), "per_gpu", ())
+            share, reason = vram_pressure(plan_gpus, by_index, self.margin_bytes)
+            if share != route.admission.pressure:
+                route.admission.set_pressure(share)
+            if reason:
+                self.pressure[route.name] = reason
+            else:
+                self.pressure.pop(route.name, None)
+
+    async def poll_gpus(self) -> None:
+        """Read NVML once (in a worker thread) and apply VRAM pressure."""
+        if self.sampler is None:
+            return
+        try:
+            samples = await asyncio.to_thread(self.sampler.sample)
+        except Exception as exc:  # noqa: BLE001 - any NVML failure is reported, never fatal
+            if self.gpu_error is None:
+                log.warning("reading the GPUs failed: %s", exc)
+            self.gpu_error = str(exc) or type(exc).__name__
+            return
+        self._apply_samples(samples)
+
+    # --- loop ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        next_sample = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_sample:
+                    next_sample = now + self.poll_s
+                    await self.poll_gpus()
+                self._update_readiness()
+                await asyncio.sleep(TICK_S)
+        finally:
+            if self.sampler is not None:
+                self.sampler.close()
+
+
+def _status_line(r: Readiness) -> str:
+    if r.status == "ok":
+        return f"serving from {r.backend}"
+    if r.status == "degraded":
+        return f"degraded: {r.reason}"
+    return r.reason or r.status
