@@ -192,7 +192,7 @@ class Router:
 
     def _give_up(self, route: Route) -> None:
         route.gave_up = True
-        log.error("%s is given up after %d failed restarts in a row: %s", route.name, route.failed_restarts,
+        log.error("%s is given up after %d failed starts in a row: %s", route.name, route.failed_restarts,
                   route.backend.health().last_error)
         if all(r.gave_up for r in self.routes):
             log.critical("no backend can serve: every engine of the chain failed and was given up")
