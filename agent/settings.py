@@ -204,7 +204,16 @@ def config_path(cli_path: Path | None, env: Mapping[str, str]) -> tuple[Path, bo
         return cli_path, True
     if env.get(f"{ENV_PREFIX}CONFIG"):
         return Path(env[f"{ENV_PREFIX}CONFIG"]), True
+    user = user_config_path(env)
+    if user is not None and user.is_file():
+        return user, False
     return DEFAULT_CONFIG_PATH, False
+
+
+def user_config_path(env: Mapping[str, str]) -> Path | None:
+    """Where ``install.sh --user`` writes the settings: $XDG_CONFIG_HOME (or ~/.config)/node-agent."""
+    base = env.get("XDG_CONFIG_HOME") or (f"{env['HOME']}/.config" if env.get("HOME") else None)
+    return Path(base) / "node-agent" / "config.yaml" if base else None
 
 
 def _read_yaml(path: Path, required: bool) -> dict[str, Any]:

@@ -49,7 +49,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print stable JSON (docs/d
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="Settings file (default: $NODE_AGENT_CONFIG, else /etc/node-agent/config.yaml).")]
+    "--config", help="Settings file (default: $NODE_AGENT_CONFIG, else ~/.config/node-agent/config.yaml if it exists, else /etc/node-agent/config.yaml).")]
 
 
 def load(config: Path | None, overrides: dict | None = None):
@@ -93,6 +93,7 @@ def plan(
     max_model_len: Annotated[Optional[int], typer.Option(min=128, help="Pin the context length.")] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option(min=1, help="Pin vLLM's concurrent sequences.")] = None,
     as_json: JsonOpt = False,
+    emit_config: Annotated[bool, typer.Option("--emit-config", help="Print a settings file (YAML) that serves this model as planned, the plan as comments.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Plan how to serve a model on this host (or a profile): engine, parallelism, memory, with reasons.
@@ -100,7 +101,7 @@ def plan(
     Exit 0 when it fits, 1 when it does not (the refusal says what would make it fit), 2 on bad input.
     """
     from agent.catalog.resolve import resolve_model
-    from agent.cli.plan_view import render_plan
+    from agent.cli.plan_view import config_for_plan, render_plan
     from agent.hardware import detect as detect_host
     from agent.planner import Pins
     from agent.planner import plan as make_plan
@@ -119,7 +120,9 @@ def plan(
         result = make_plan(host, spec, settings, pins)
     except NodeAgentError as exc:
         fail(exc)
-    if as_json:
+    if emit_config:
+        sys.stdout.write(config_for_plan(result, host, model or settings.model.ref))
+    elif as_json:
         sys.stdout.write(json.dumps(plan_to_dict(result), indent=2) + "\n")
     else:
         render_plan(result, host, Console())

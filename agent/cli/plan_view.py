@@ -65,3 +65,36 @@ def render_plan(plan: NodePlan, host: HostInfo, console: Console) -> None:
         state = (f"{f.quant_type} GGUF, n_gpu_layers {f.n_gpu_layers}, n_ctx {f.n_ctx}, {_gib(f.ram_bytes)} GiB RAM"
                  if f.fits else escape(f.refusal or "does not fit"))
         console.print(f"[bold]fallback[/] llama.cpp: {state}", highlight=False)
+
+
+def config_for_plan(result: NodePlan, host: HostInfo, model_ref: str) -> str:
+    """A settings file (YAML) that serves ``model_ref`` as planned, with the plan as comments.
+
+    Only settings that differ from the defaults are written; the plan itself is re-made at every
+    start, so a changed host (a GPU added, memory taken) is planned afresh.
+    """
+    import yaml
+
+    p = result.primary
+    lines = [
+        "# node-agent settings, written from `node-agent plan` for this host (install.sh).",
+        "# Every setting and its default: docs/configuration.md, or `node-agent config --reference`.",
+        "# Secrets (server.api_key, health.token) belong in the EnvironmentFile, not here.",
+        "#",
+        f"# Plan for {result.model} on {host.hostname} ({host.source}):",
+    ]
+    if isinstance(p, VllmPlan):
+        lines.append(f"#   vLLM: TP={p.tensor_parallel_size} PP={p.pipeline_parallel_size} "
+                     f"quantization={p.quantization} kv_cache_dtype={p.kv_cache_dtype} "
+                     f"gpu_memory_utilization={p.gpu_memory_utilization:.2f} max_model_len={p.max_model_len} "
+                     f"max_num_seqs={p.max_num_seqs}, llama.cpp behind it")
+    else:
+        lines.append(f"#   llama.cpp: {p.quant_type or 'GGUF'} n_gpu_layers={p.n_gpu_layers} n_ctx={p.n_ctx} "
+                     f"threads={p.n_threads} instances={p.instances}")
+    if not result.fits:
+        lines.append(f"#   DOES NOT FIT: {p.refusal}")
+    lines += [f"#   - {r}" for r in (*result.reasons, *p.reasons)]
+    body = {"model": {"ref": model_ref}}
+    if result.engine == "llamacpp":
+        body["engines"] = {"chain": ["llamacpp"]}
+    return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)

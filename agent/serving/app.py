@@ -73,6 +73,14 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
         body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client error: the envelope still, and the traceback in the log (Starlette
+        # logs it after this answer is sent).
+        body = {"error": {"message": f"internal error ({type(exc).__name__}); the agent's log has the details",
+                          "type": "server_error", "param": None, "code": None}}
+        return JSONResponse(body, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = _validation_error(exc)

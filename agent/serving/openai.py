@@ -95,6 +95,9 @@ class CompletionRequest(_Request):
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("exactly one prompt per request (batch prompts are not supported)")
+        if (v if isinstance(v, str) else v[0]) == "":
+            # llama.cpp asserts on a prompt of no tokens and vLLM refuses it: say so plainly.
+            raise ValueError("the prompt is empty; send at least one character")
         return v
 
     def to_generation(self, request_id: str) -> GenerationRequest:

@@ -102,3 +102,35 @@ def test_non_loopback_bind_needs_a_key_or_insecure(server, ok):
     else:
         with pytest.raises(UsageError, match="without an API key"):
             check_bind(settings)
+
+
+@pytest.mark.parametrize("prompt", ["", [""]])
+def test_an_empty_prompt_is_a_400_naming_the_prompt(prompt):
+    """Found by the e2e fuzz: llama.cpp asserted on a prompt of no tokens and the client got a
+    plain-text 500."""
+    app, router = app_and_router({}, FakeBackend("llamacpp"))
+    r = asyncio.run(call(app, router, "POST", "/v1/completions", json={"model": "m", "prompt": prompt}))
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "prompt" and "the prompt is empty" in err["message"]
+
+
+def test_an_unexpected_error_is_a_500_in_the_envelope():
+    class Broken(FakeBackend):
+        async def count_prompt_tokens(self, request):
+            raise AssertionError("a bug")
+
+    app, router = app_and_router({}, Broken("llamacpp"))
+
+    async def go():
+        await router.start()
+        try:
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+        finally:
+            await router.stop()
+
+    r = asyncio.run(go())
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error" and "AssertionError" in r.json()["error"]["message"]

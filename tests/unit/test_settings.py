@@ -39,6 +39,13 @@ def test_config_path_comes_from_flag_then_env_then_default(tmp_path):
     assert config_path(tmp_path / "a.yaml", {"NODE_AGENT_CONFIG": "/x.yaml"}) == (tmp_path / "a.yaml", True)
     assert config_path(None, {"NODE_AGENT_CONFIG": "/x.yaml"})[0].as_posix() == "/x.yaml"
     assert config_path(None, {}) == (DEFAULT_CONFIG_PATH, False)
+    # install.sh --user writes $XDG_CONFIG_HOME/node-agent/config.yaml: used when it exists.
+    xdg = {"XDG_CONFIG_HOME": str(tmp_path)}
+    assert config_path(None, xdg) == (DEFAULT_CONFIG_PATH, False)
+    (tmp_path / "node-agent").mkdir()
+    (tmp_path / "node-agent" / "config.yaml").write_text("{}\n")
+    assert config_path(None, xdg) == (tmp_path / "node-agent" / "config.yaml", False)
+    assert config_path(None, {"HOME": str(tmp_path / "nobody")}) == (DEFAULT_CONFIG_PATH, False)
 
 
 def test_nested_list_from_env():
