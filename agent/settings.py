@@ -143,7 +143,7 @@ class ServerSettings(_Section):
     port: int = Field(8080, ge=1, le=65535, description="TCP port.")
     api_key: str | None = Field(None, min_length=16, description="Bearer token required on the inference API, /v1/* except /v1/node (keep it in an EnvironmentFile).")
     insecure: bool = Field(False, description="Allow a non-loopback bind without an API key.")
-    log_prompts: bool = Field(False, description="Log prompt and completion text (off: only sizes are logged).")
+    log_prompts: bool = Field(False, description="Log prompt and completion text as JSON lines on agent.requests (off: only sizes, at DEBUG).")
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, how long running requests may finish before the engines stop."
     )

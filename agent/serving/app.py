@@ -38,6 +38,7 @@ from agent.serving.router import Router, Served, StreamInterrupted
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("agent.requests")
 BACKEND_HEADER = "x-node-agent-backend"
 
 
@@ -60,6 +61,7 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
     app.add_middleware(RequestMetrics, telemetry=node.telemetry)
     api_key = settings.server.api_key
     health_token = settings.health.token
+    log_prompts = settings.server.log_prompts
     default_max = settings.admission.default_max_tokens
 
     @app.exception_handler(ApiError)
@@ -104,6 +106,37 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
     health = APIRouter(dependencies=[Depends(authorize_health)])
 
+    def log_request(endpoint: str, gen) -> None:
+        """server.log_prompts: the text, as one JSON line at INFO; off: sizes only, at DEBUG."""
+        if log_prompts:
+            request_log.info(json.dumps({"event": "request", "request_id": gen.request_id, "endpoint": endpoint,
+                                         "max_tokens": gen.max_tokens, "prompt": gen.prompt,
+                                         "messages": gen.messages}))
+        elif request_log.isEnabledFor(logging.DEBUG):
+            chars = len(gen.prompt or "") + sum(len(m["content"]) for m in gen.messages or ())
+            request_log.debug("request %s %s: %d prompt characters, max_tokens %d", gen.request_id, endpoint,
+                              chars, gen.max_tokens)
+
+    def log_answer(request_id: str, backend: str, text: str, last) -> None:
+        if log_prompts:
+            request_log.info(json.dumps({"event": "answer", "request_id": request_id, "backend": backend,
+                                         "text": text, "finish_reason": last.finish_reason if last else None,
+                                         "completion_tokens": last.completion_tokens if last else 0}))
+
+    async def logged(request_id: str, events: AsyncIterator[Served]) -> AsyncIterator[Served]:
+        """The stream, passed through; its text is logged when it ends (server.log_prompts)."""
+        parts, backend, last = [], "", None
+        try:
+            async for served in events:
+                if served.backend != backend:
+                    parts, backend = [], served.backend
+                parts.append(served.delta.text)
+                last = served.delta
+                yield served
+        finally:
+            await events.aclose()  # the router releases the request's KV and aborts the engine
+            log_answer(request_id, backend, "".join(parts), last)
+
     def check_model(name: str) -> None:
         if name != model_name:
             raise ModelNotFound(f"model {name!r} is not served here; this node serves {model_name!r}", param="model")
@@ -118,8 +151,10 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
         check_model(body.model)
         rid = new_id("chatcmpl")
         gen = body.to_generation(rid, default_max)
+        log_request("/v1/chat/completions", gen)
         if not body.stream:
             backend, text, last = await router.complete(gen)
+            log_answer(rid, backend, text, last)
             return JSONResponse(chat_response(rid, model_name, text, last), headers={BACKEND_HEADER: backend})
         created = int(time.time())
 
@@ -136,15 +171,17 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             if d.finish_reason and body.include_usage():
                 out.append(chat_chunk(rid, model_name, created, {}, None, usage(d)))
             return out
-        return await _sse(router.stream(gen), frame)
+        return await _sse(logged(rid, router.stream(gen)) if log_prompts else router.stream(gen), frame)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest):
         check_model(body.model)
         rid = new_id("cmpl")
         gen = body.to_generation(rid)
+        log_request("/v1/completions", gen)
         if not body.stream:
             backend, text, last = await router.complete(gen)
+            log_answer(rid, backend, text, last)
             return JSONResponse(completion_response(rid, model_name, text, last), headers={BACKEND_HEADER: backend})
         created = int(time.time())
 
@@ -156,7 +193,7 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             if d.finish_reason and body.include_usage():
                 out.append(completion_chunk(rid, model_name, created, "", None, usage(d)))
             return out
-        return await _sse(router.stream(gen), frame)
+        return await _sse(logged(rid, router.stream(gen)) if log_prompts else router.stream(gen), frame)
 
     @health.get("/health/live")
     async def live() -> dict:

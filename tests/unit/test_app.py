@@ -134,3 +134,24 @@ def test_an_unexpected_error_is_a_500_in_the_envelope():
     r = asyncio.run(go())
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error" and "AssertionError" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompts_are_logged_only_when_asked(caplog, stream):
+    body = {"model": "m", "messages": [{"role": "user", "content": "secret words"}], "max_tokens": 3,
+            "stream": stream}
+    for log_prompts in (False, True):
+        caplog.clear()
+        app, router = app_and_router({"server": {"log_prompts": log_prompts}}, FakeBackend("llamacpp"))
+        with caplog.at_level("DEBUG", logger="agent.requests"):
+            r = asyncio.run(call(app, router, "POST", "/v1/chat/completions", json=body))
+        assert r.status_code == 200
+        lines = [rec.getMessage() for rec in caplog.records if rec.name == "agent.requests"]
+        if not log_prompts:
+            assert lines and not any("secret" in line for line in lines)
+            assert "12 prompt characters" in lines[0]
+            continue
+        request, answer = (json.loads(line) for line in lines)
+        assert request["messages"] == [{"role": "user", "content": "secret words"}]
+        assert (answer["event"], answer["backend"], answer["text"]) == ("answer", "llamacpp", "abc")
+        assert router.routes[0].admission.active == 0  # the stream's reservation was given back
