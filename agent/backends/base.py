@@ -85,6 +85,15 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """A request rendered and tokenized by one engine: the router counts ``prompt_tokens`` for
+    admission and hands the whole thing to ``generate``, so the prompt is tokenized once."""
+
+    prompt_tokens: int
+    data: object  # engine-private: token ids (and stop strings) ready to run
+
+
+@dataclass(frozen=True)
 class Health:
     """A snapshot for /health and /v1/node."""
 
@@ -137,14 +146,19 @@ class Backend(Protocol):
     async def start(self) -> None:
         """Load the model; ready on return, or ``BackendStartError`` (state failed)."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream deltas. Closing the iterator early aborts the request in the engine."""
+    async def prepare(self, request: GenerationRequest) -> Prepared:
+        """Render the chat template and tokenize with this engine's tokenizer (in a worker thread)."""
+
+    def generate(self, request: GenerationRequest, prepared: Prepared | None = None) -> AsyncIterator[Delta]:
+        """Stream deltas (``prepared``: this backend's ``prepare`` of the same request, else it
+        prepares itself). Closing the iterator early aborts the request in the engine."""
 
     async def abort(self, request_id: str) -> None:
         """Stop a running request and free its slot; unknown ids are ignored."""
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """Prompt tokens as this engine's tokenizer counts them, chat template applied."""
+        """Prompt tokens as this engine's tokenizer counts them, chat template applied
+        (``prepare(request).prompt_tokens``)."""
 
     def capacity(self) -> Capacity:
         """KV tokens and sequence slots, total and in use."""

@@ -23,6 +23,7 @@ from agent.backends.base import (
     Delta,
     GenerationRequest,
     Health,
+    Prepared,
     PromptTooLong,
     StateOwner,
 )
@@ -130,14 +131,17 @@ class LlamaCppBackend:
         stops = [] if result.stop is None else ([result.stop] if isinstance(result.stop, str) else list(result.stop))
         return self._vocab.tokenize(text.encode(), add_bos=not result.added_special, special=True), stops
 
-    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        self._state.require_serving()
-        tokens, _ = await asyncio.to_thread(self._render, request)
-        return len(tokens)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def prepare(self, request: GenerationRequest) -> Prepared:
         self._state.require_serving()
         tokens, stops = await asyncio.to_thread(self._render, request)
+        return Prepared(len(tokens), (tokens, stops))
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return (await self.prepare(request)).prompt_tokens
+
+    async def generate(self, request: GenerationRequest, prepared: Prepared | None = None) -> AsyncIterator[Delta]:
+        self._state.require_serving()
+        tokens, stops = (prepared or await self.prepare(request)).data
         n_ctx = self._n_ctx
         if len(tokens) >= n_ctx:
             raise PromptTooLong(len(tokens), n_ctx)

@@ -28,6 +28,7 @@ from agent.backends.base import (
     Delta,
     GenerationRequest,
     Health,
+    Prepared,
     PromptTooLong,
     StateOwner,
 )
@@ -166,17 +167,21 @@ class VllmBackend:
         text = tok.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
         return tok.encode(text + request.assistant_prefix, add_special_tokens=False)
 
-    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+    async def prepare(self, request: GenerationRequest) -> Prepared:
         self._state.require_serving()
-        return len(await asyncio.to_thread(self._prompt_ids, request))
+        ids = await asyncio.to_thread(self._prompt_ids, request)
+        return Prepared(len(ids), ids)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return (await self.prepare(request)).prompt_tokens
+
+    async def generate(self, request: GenerationRequest, prepared: Prepared | None = None) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self._state.require_serving()
-        ids = await asyncio.to_thread(self._prompt_ids, request)
+        ids = (prepared or await self.prepare(request)).data
         if len(ids) >= self._max_len:
             raise PromptTooLong(len(ids), self._max_len)
         params = SamplingParams(

@@ -219,18 +219,20 @@ class Router:
 
     # --- serving -------------------------------------------------------------------------
     async def _admit(self, route: Route, request: GenerationRequest, exclude: set[str]):
-        """Reserve KV on ``route`` (or overflow to the next backend when allowed)."""
+        """Reserve KV on ``route`` (or overflow to the next backend when allowed): (route, ticket,
+        the request as that backend prepared it)."""
         try:
-            prompt = await route.backend.count_prompt_tokens(request)
+            prepared = await route.backend.prepare(request)
         except PromptTooLong as exc:
             raise ContextTooLong(str(exc), param="messages" if request.messages else "prompt") from exc
+        prompt = prepared.prompt_tokens
         cap = route.backend.capacity()
         if prompt >= cap.max_context:
             raise ContextTooLong(f"the prompt has {prompt} tokens; this model's context holds {cap.max_context}",
                                  param="messages" if request.messages else "prompt")
         tokens = min(prompt + request.max_tokens, cap.max_context)
         try:
-            return route, await route.admission.acquire(tokens)
+            return route, await route.admission.acquire(tokens), prepared
         except Overloaded:
             if not self.admission_settings.overflow:
                 raise
@@ -263,7 +265,7 @@ class Router:
                 request, assistant_prefix=request.assistant_prefix + produced,
                 max_tokens=max(1, request.max_tokens - produced_tokens))
             try:
-                route, ticket = await self._admit(route, attempt, tried)
+                route, ticket, prepared = await self._admit(route, attempt, tried)
             except (BackendDied, BackendNotReady) as exc:  # it died between the pick and the admission
                 route.breaker.failure(time.monotonic(), fatal=True)
                 reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
@@ -273,7 +275,7 @@ class Router:
                 route.breaker.probing = False  # the probe never reached the engine: let the next one try
                 raise
             carried, done = produced_tokens, 0
-            gen = route.backend.generate(attempt)
+            gen = route.backend.generate(attempt, prepared)
             try:
                 try:
                     d = await asyncio.wait_for(gen.__anext__(), self.settings.first_token_timeout_s)

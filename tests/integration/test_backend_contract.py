@@ -7,15 +7,14 @@ started once (vLLM ~20-30 s here) and stopped before the other starts.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 
 import pytest
 
 from agent.backends.base import BackendState, GenerationRequest, PromptTooLong
 from tests.integration.engine_support import CHAT_PARIS, collect, llamacpp_backend, text_of, vllm_backend
+from tests.support.engines import HAVE_VLLM
 
 pytestmark = pytest.mark.engines
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 @pytest.fixture(scope="module", params=[

@@ -13,6 +13,7 @@ from agent.backends.base import (
     Capacity,
     Delta,
     GenerationRequest,
+    Prepared,
     PromptTooLong,
     StateOwner,
 )
@@ -37,6 +38,7 @@ class FakeBackend:
         self.script = script or Script()
         self._state = StateOwner(name)
         self.requests: list[GenerationRequest] = []
+        self.prepared: list[GenerationRequest] = []  # prepare() calls: once per admitted attempt
         self.starts = 0
 
     @property
@@ -55,6 +57,11 @@ class FakeBackend:
     async def stop(self) -> None:
         self._state.move(BackendState.STOPPED)
 
+    async def prepare(self, request: GenerationRequest) -> Prepared:
+        n = await self.count_prompt_tokens(request)
+        self.prepared.append(request)
+        return Prepared(n, request)
+
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         self._state.require_serving()
         if self.script.die_on_count:
@@ -66,8 +73,10 @@ class FakeBackend:
             raise PromptTooLong(n, self.script.context)
         return n
 
-    async def generate(self, request: GenerationRequest):
+    async def generate(self, request: GenerationRequest, prepared: Prepared | None = None):
         self._state.require_serving()
+        if prepared is not None and prepared.data is not request:
+            raise AssertionError("generate() got another request's preparation")
         self.requests.append(request)
         if self.script.stall:
             await asyncio.sleep(3600)

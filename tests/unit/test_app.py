@@ -117,7 +117,7 @@ def test_an_empty_prompt_is_a_400_naming_the_prompt(prompt):
 
 def test_an_unexpected_error_is_a_500_in_the_envelope():
     class Broken(FakeBackend):
-        async def count_prompt_tokens(self, request):
+        async def prepare(self, request):
             raise AssertionError("a bug")
 
     app, router = app_and_router({}, Broken("llamacpp"))

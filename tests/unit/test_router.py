@@ -191,3 +191,22 @@ def test_a_probe_that_never_reaches_the_engine_does_not_wedge_the_breaker():
         await r.stop()
         return probing
     assert asyncio.run(run()) is False
+
+
+def test_each_attempt_is_tokenized_once_and_generate_gets_that_preparation():
+    """prepare() feeds both admission (the count) and generate(): one tokenization per attempt,
+    also when the request fails over mid-stream (FakeBackend.generate refuses another request's
+    preparation)."""
+    primary, fallback = FakeBackend("vllm", Script(die_after=2)), FakeBackend("llamacpp")
+
+    async def run():
+        r = await started(router(primary, fallback))
+        out = await stream_all(r, req())
+        await r.stop()
+        return out
+
+    out = asyncio.run(run())
+    assert "".join(s.delta.text for s in out) == "ab" + "abcd"  # the fake fallback restarts its words
+    assert primary.prepared == primary.requests and len(primary.prepared) == 1
+    assert fallback.prepared == fallback.requests and len(fallback.prepared) == 1
+    assert fallback.requests[0].assistant_prefix == "ab"
