@@ -137,6 +137,17 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             await events.aclose()  # the router releases the request's KV and aborts the engine
             log_answer(request_id, backend, "".join(parts), last)
 
+    async def answer(endpoint: str, gen, stream: bool, whole, frame):
+        """Both endpoints: one JSON answer built by ``whole(text, last)``, or an SSE stream of
+        ``frame`` chunks; the backend is named in the header either way."""
+        log_request(endpoint, gen)
+        if not stream:
+            backend, text, last = await router.complete(gen)
+            log_answer(gen.request_id, backend, text, last)
+            return JSONResponse(whole(text, last), headers={BACKEND_HEADER: backend})
+        events = router.stream(gen)
+        return await _sse(logged(gen.request_id, events) if log_prompts else events, frame)
+
     def check_model(name: str) -> None:
         if name != model_name:
             raise ModelNotFound(f"model {name!r} is not served here; this node serves {model_name!r}", param="model")
@@ -151,11 +162,6 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
         check_model(body.model)
         rid = new_id("chatcmpl")
         gen = body.to_generation(rid, default_max)
-        log_request("/v1/chat/completions", gen)
-        if not body.stream:
-            backend, text, last = await router.complete(gen)
-            log_answer(rid, backend, text, last)
-            return JSONResponse(chat_response(rid, model_name, text, last), headers={BACKEND_HEADER: backend})
         created = int(time.time())
 
         def frame(served: Served | None, first: bool) -> list[dict]:
@@ -171,18 +177,14 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             if d.finish_reason and body.include_usage():
                 out.append(chat_chunk(rid, model_name, created, {}, None, usage(d)))
             return out
-        return await _sse(logged(rid, router.stream(gen)) if log_prompts else router.stream(gen), frame)
+        return await answer("/v1/chat/completions", gen, body.stream,
+                            lambda text, last: chat_response(rid, model_name, text, last), frame)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest):
         check_model(body.model)
         rid = new_id("cmpl")
         gen = body.to_generation(rid)
-        log_request("/v1/completions", gen)
-        if not body.stream:
-            backend, text, last = await router.complete(gen)
-            log_answer(rid, backend, text, last)
-            return JSONResponse(completion_response(rid, model_name, text, last), headers={BACKEND_HEADER: backend})
         created = int(time.time())
 
         def frame(served: Served | None, first: bool) -> list[dict]:
@@ -193,7 +195,8 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             if d.finish_reason and body.include_usage():
                 out.append(completion_chunk(rid, model_name, created, "", None, usage(d)))
             return out
-        return await _sse(logged(rid, router.stream(gen)) if log_prompts else router.stream(gen), frame)
+        return await answer("/v1/completions", gen, body.stream,
+                            lambda text, last: completion_response(rid, model_name, text, last), frame)
 
     @health.get("/health/live")
     async def live() -> dict:
