@@ -47,6 +47,7 @@ warn() { printf 'warning: %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 trap 'die "install.sh failed at line $LINENO (exit $?); nothing after that step was done. Re-run it after fixing the cause: it is safe to run again."' ERR
 
+ARGS_GIVEN="$*"
 while [ $# -gt 0 ]; do
     case "$1" in
         --user) MODE=user ;;
@@ -176,7 +177,7 @@ say "Preflight"
 OS_NAME=$(. /etc/os-release 2>/dev/null && printf '%s' "${PRETTY_NAME:-Linux}") || OS_NAME=Linux
 info "OS: $OS_NAME, $(uname -m), kernel $(uname -r)"
 if [ "$MODE" = system ] && [ "$DRY_RUN" = 0 ] && [ "$(id -u)" != 0 ]; then
-    die "a system install needs root: sudo $0 $*  (or install for this user only: $0 --user)"
+    die "a system install needs root: sudo $0 $ARGS_GIVEN  (or install for this user only: $0 --user)"
 fi
 
 python_ok() { "$1" -c "import sys; sys.exit(0 if sys.version_info >= (3, $MIN_PY_MINOR) else 1)" 2>/dev/null; }
