@@ -88,23 +88,10 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
         err = _validation_error(exc)
         return JSONResponse(err.body(), status_code=err.status)
 
-    async def authorize(request: Request) -> None:
-        # A dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware runs streaming
-        # bodies in a task that a client disconnect does not cancel, so engines never learned
-        # that a client left.
-        if api_key:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
-
-    async def authorize_health(request: Request) -> None:
-        if health_token:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {health_token}".encode()):
-                raise Unauthorized("missing or wrong health token (Authorization: Bearer <health.token>)")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-    health = APIRouter(dependencies=[Depends(authorize_health)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(
+        _bearer(api_key, "missing or wrong API key (Authorization: Bearer <key>)"))])
+    health = APIRouter(dependencies=[Depends(
+        _bearer(health_token, "missing or wrong health token (Authorization: Bearer <health.token>)"))])
 
     def log_request(endpoint: str, gen) -> None:
         """server.log_prompts: the text, as one JSON line at INFO; off: sizes only, at DEBUG."""
@@ -128,8 +115,9 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
         parts, backend, last = [], "", None
         try:
             async for served in events:
-                if served.backend != backend:
-                    parts, backend = [], served.backend
+                # No reset on a new backend: a stream continues after a failover, so the client's
+                # answer is everything yielded, from both engines.
+                backend = served.backend
                 parts.append(served.delta.text)
                 last = served.delta
                 yield served
@@ -259,6 +247,19 @@ class RequestMetrics:
             await self.app(scope, receive, watch)
         finally:
             self.telemetry.request_done(path, seen["backend"], seen["status"], time.monotonic() - started)
+
+
+def _bearer(token: str | None, refusal: str):
+    """A dependency requiring ``Authorization: Bearer <token>`` (constant-time), or nothing when
+    no token is set. A dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware runs
+    streaming bodies in a task that a client disconnect does not cancel, so engines never learned
+    that a client left."""
+    async def check(request: Request) -> None:
+        if token:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise Unauthorized(refusal)
+    return check
 
 
 async def _sse(events: AsyncIterator[Served], frame) -> StreamingResponse:

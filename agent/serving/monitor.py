@@ -14,10 +14,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+from agent.backends.base import BackendState
 from agent.hardware.nvml import NvmlSampler
 from agent.hardware.types import MIB, GpuSample
 from agent.planner.types import GpuBudget
-from agent.serving.router import Route, Router
+from agent.serving.router import Route, Router, describe_states
 from agent.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -91,15 +92,16 @@ class NodeMonitor:
             why = []
             if route is not router.routes[0]:
                 first = router.routes[0]
-                if first.backend.state.value == "starting":
+                if first.backend.state is BackendState.STARTING:
                     why.append(f"serving from the fallback {route.name} while {first.name} starts")
                 else:
                     why.append(f"serving from the fallback {route.name}; {first.name} is {first.backend.state.value}")
             why += [f"{name}: {text}" for name, text in self.pressure.items()]
             return Readiness("degraded" if why else "ok", route.name, "; ".join(why) or None)
-        states = ", ".join(f"{r.name} {r.backend.state.value}" for r in router.routes)
-        starting = [r for r in router.routes if r.backend.state.value == "starting"]
-        waiting = [r for r in router.routes if r.backend.state.value in ("stopped", "failed") and not r.gave_up]
+        states = describe_states(router.routes)
+        starting = [r for r in router.routes if r.backend.state is BackendState.STARTING]
+        waiting = [r for r in router.routes
+                   if r.backend.state in (BackendState.STOPPED, BackendState.FAILED) and not r.gave_up]
         if starting or (waiting and not self.ever_ready):
             now = time.time()
             progress = {

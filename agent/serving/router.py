@@ -258,7 +258,7 @@ class Router:
                 self._switch(request.request_id, prev, route.name if route else None, reason, switch_started)
             if route is None:
                 if prev is None:
-                    raise NotReady(_not_ready_message(self.routes))
+                    raise NotReady(f"no backend can serve yet ({describe_states(self.routes)})")
                 raise EngineFailed(f"every backend failed this request (last: {prev}: {reason})")
             tried.add(route.name)
             attempt = request if not produced else dataclasses.replace(
@@ -330,6 +330,6 @@ class Router:
         return backend, "".join(parts), last
 
 
-def _not_ready_message(routes: list[Route]) -> str:
-    states = ", ".join(f"{r.name} {r.backend.state.value}" for r in routes)
-    return f"no backend can serve yet ({states})"
+def describe_states(routes: list[Route]) -> str:
+    """'vllm failed, llamacpp ready': for messages and health reasons."""
+    return ", ".join(f"{r.name} {r.backend.state.value}" for r in routes)

@@ -155,3 +155,16 @@ def test_prompts_are_logged_only_when_asked(caplog, stream):
         assert request["messages"] == [{"role": "user", "content": "secret words"}]
         assert (answer["event"], answer["backend"], answer["text"]) == ("answer", "llamacpp", "abc")
         assert router.routes[0].admission.active == 0  # the stream's reservation was given back
+
+
+def test_a_logged_stream_that_failed_over_logs_the_whole_answer(caplog):
+    """The client sees the primary's words and then the fallback's in one stream; the log must
+    hold that same text, not only the fallback's part."""
+    app, router = app_and_router({"server": {"log_prompts": True}}, FakeBackend("vllm", Script(die_after=2)),
+                                 FakeBackend("llamacpp", Script(words=list("XYZW"))))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
+    with caplog.at_level("INFO", logger="agent.requests"):
+        r = asyncio.run(call(app, router, "POST", "/v1/chat/completions", json=body))
+    streamed = "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in events(r)[:-1])
+    answer = json.loads([rec.getMessage() for rec in caplog.records if rec.name == "agent.requests"][-1])
+    assert streamed == "abXYZW" and (answer["text"], answer["backend"]) == ("abXYZW", "llamacpp")
