@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -139,10 +139,13 @@ class AdmissionSettings(_Section):
 class ServerSettings(_Section):
     """Where the OpenAI-compatible endpoint listens."""
 
-    host: str = Field("127.0.0.1", min_length=1, description="Bind address; non-loopback needs api_key or insecure.")
+    host: str = Field("127.0.0.1", min_length=1, description="Bind address; a non-loopback one needs api_key and "
+                      "health.token, or insecure.")
     port: int = Field(8080, ge=1, le=65535, description="TCP port.")
-    api_key: str | None = Field(None, min_length=16, description="Bearer token required on the inference API, /v1/* except /v1/node (keep it in an EnvironmentFile).")
-    insecure: bool = Field(False, description="Allow a non-loopback bind without an API key.")
+    api_key: SecretStr | None = Field(
+        None, min_length=16, description="Bearer token required on the inference API: every path except /health*, "
+        "/v1/node and /metrics (keep it in an EnvironmentFile; never printed).")
+    insecure: bool = Field(False, description="Allow a non-loopback bind without an API key and a health token.")
     log_prompts: bool = Field(False, description="Log prompt and completion text as JSON lines on agent.requests (off: only sizes, at DEBUG).")
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, how long running requests may finish before the engines stop."
@@ -150,14 +153,19 @@ class ServerSettings(_Section):
     model_name: str | None = Field(
         None, min_length=1, description="Name served on /v1/models and accepted as 'model' (default: the model's name)."
     )
+    max_request_bytes: int = Field(
+        8 * 1024**2, ge=1024, le=1024**3,
+        description="Largest request body accepted; a larger one is refused with 413 before it is read (bytes).",
+    )
+    openapi: bool = Field(False, description="Serve the OpenAPI schema at /openapi.json (off: 404).")
 
 
 class HealthSettings(_Section):
     """What the gateway and systemd see: /health/*, /v1/node, /metrics."""
 
-    token: str | None = Field(
-        None, min_length=16, description="Bearer token required on /health/*, /v1/node and /metrics (separate from "
-        "server.api_key; unset: they are open, as a gateway's probes expect).",
+    token: SecretStr | None = Field(
+        None, min_length=16, description="Bearer token required on /health*, /v1/node and /metrics (separate from "
+        "server.api_key; unset: they are open, as a gateway's probes expect; never printed).",
     )
     node_id: str | None = Field(
         None, min_length=1, max_length=128,
@@ -248,6 +256,17 @@ def _origin(loc: tuple[Any, ...], layers: list[tuple[str, Mapping[str, Any]]]) -
     return next((name for name, data in layers if _in_file(data, loc)), "defaults")
 
 
+def is_secret(loc: tuple[Any, ...]) -> bool:
+    """Whether the setting at ``loc`` (e.g. ("server", "api_key")) holds a secret."""
+    model: Any = Settings
+    for part in loc:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return False
+        model = info.annotation
+    return "SecretStr" in str(model)
+
+
 def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]]) -> str:
     lines = []
     for err in exc.errors():
@@ -255,6 +274,8 @@ def _describe(exc: ValidationError, layers: list[tuple[str, Mapping[str, Any]]])
         field = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; docs/configuration.md lists the keys)"
+        elif is_secret(loc[:2]):  # never echo a secret, not even a wrong one
+            msg = err["msg"].replace(" items", " characters") + " (value not shown)"
         else:
             value = err.get("input")
             got = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"

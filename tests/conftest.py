@@ -1,8 +1,19 @@
-"""Fixtures shared by the integration and e2e tiers: models built once, cached across runs."""
+"""The test session's isolation, and fixtures shared by the integration and e2e tiers: models
+built once, cached across runs.
+
+The session never reads the developer's own configuration or caches: before anything is
+collected, HOME and the XDG directories point into a temporary directory (so a
+~/.config/node-agent/config.yaml left by the README quick start changes nothing), the hub cache
+(HF_HOME) too, and NODE_AGENT_* variables of the calling shell are dropped. pip's wheel cache is
+kept (PIP_CACHE_DIR): tests/install installs the package for real and must not rebuild
+llama-cpp-python.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +22,30 @@ from tests.support.models import TinyModel, make_smollm2_hf, make_tiny_llama, sm
 
 # Built models live in the checkout (git-ignored) so later runs and CI re-runs reuse them.
 CACHE = Path(os.environ.get("NODE_AGENT_TEST_MODELS", Path(__file__).resolve().parents[1] / ".cache" / "test-models"))
+_ISOLATED_HOME: list[str] = []
+
+
+def pytest_configure(config) -> None:
+    home = tempfile.mkdtemp(prefix="node-agent-tests-home-")
+    _ISOLATED_HOME.append(home)
+    real_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.environ.setdefault("PIP_CACHE_DIR", os.path.join(real_cache, "pip"))
+    for name in [k for k in os.environ if k.upper().startswith("NODE_AGENT_")]:
+        del os.environ[name]
+    os.environ.update({
+        "HOME": home,
+        "XDG_CONFIG_HOME": os.path.join(home, ".config"),
+        "XDG_CACHE_HOME": os.path.join(home, ".cache"),
+        "XDG_STATE_HOME": os.path.join(home, ".local", "state"),
+        "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
+        "HF_HOME": os.path.join(home, ".cache", "huggingface"),
+    })
+    os.environ.pop("HF_TOKEN", None)
+
+
+def pytest_unconfigure(config) -> None:
+    for home in _ISOLATED_HOME:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

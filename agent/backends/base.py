@@ -11,15 +11,22 @@ State machine (one owner: the backend's own lifecycle methods and its monitor ta
   ``BackendStartError`` after moving to ``failed``.
 - ``generate()`` is only valid in ``ready`` or ``degraded``; a backend that dies mid-stream moves
   to ``failed`` and the stream raises ``BackendDied`` (never hangs).
-- ``stop()`` is valid from any state, idempotent, and ends in ``stopped``.
+- ``stop()`` is valid from any state, idempotent, and ends in ``stopped``; it returns only once
+  no worker is inside the engine any more.
+
+Errors cross this interface typed, never raw (``boundary``): ``InvalidInput`` (the request cannot
+be rendered or tokenized: a chat-template error, no template; the client's fault, a 400),
+``PromptTooLong`` (this engine's context cannot hold it), ``BackendDied`` (the engine is gone),
+``EngineFault`` (anything else the engine raised; the request fails over), ``BackendNotReady``.
 Request handlers never branch on which engine is behind this interface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,12 +72,14 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Delta:
-    """One step of a generation: new text, and on the last step why it ended and token counts."""
+    """One step of a generation: new text (one token's or several: stop-string hold-back and
+    UTF-8 sequences release several at once), the prompt's token count, the completion tokens
+    generated so far (cumulative, on every delta), and on the last step why it ended."""
 
     text: str
     finish_reason: str | None = None  # "stop" | "length" on the last delta
     prompt_tokens: int = 0
-    completion_tokens: int = 0  # cumulative
+    completion_tokens: int = 0  # cumulative: tokens generated up to and including this delta
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,10 @@ class Capacity:
     max_context: int
     slots_total: int  # sequences that can run at once
     slots_in_use: int
+    # The longest token of the vocabulary in UTF-8 bytes (an upper bound): a prompt of B bytes
+    # has at least B / max_token_bytes tokens, so one that cannot fit is refused by its size,
+    # before any tokenization.
+    max_token_bytes: int = 64
 
 
 @dataclass(frozen=True)
@@ -125,13 +138,62 @@ class BackendNotReady(BackendError):
     """generate() called while the backend is not ready or degraded."""
 
 
+class EngineFault(BackendError):
+    """The engine raised an error of its own during a request (not the request's fault): the
+    router fails the request over and counts a failure on the backend's breaker."""
+
+
+class InvalidInput(BackendError):
+    """The request cannot be rendered or tokenized by this engine (a chat-template error such as
+    "roles must alternate", no chat template): the client's fault, answered with a 400."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class PromptTooLong(BackendError):
     """The prompt plus the requested tokens cannot fit in the engine's context."""
 
-    def __init__(self, prompt_tokens: int, max_context: int) -> None:
-        super().__init__(f"prompt has {prompt_tokens} tokens; the context holds {max_context}")
+    def __init__(self, prompt_tokens: int, max_context: int, at_least: bool = False) -> None:
+        count = f"at least {prompt_tokens} tokens (by its size)" if at_least else f"{prompt_tokens} tokens"
+        super().__init__(f"the prompt has {count}; this model's context holds {max_context}")
         self.prompt_tokens = prompt_tokens
         self.max_context = max_context
+
+
+def _template_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover - both engines bring jinja2
+        return ()
+    return (TemplateError,)
+
+
+@contextlib.contextmanager
+def boundary(engine: str, *, rendering: bool = False,
+             dead: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Translate whatever an engine raises into this module's typed errors.
+
+    ``rendering``: the block renders the chat template and tokenizes, where a template error or a
+    ValueError/TypeError/KeyError describes the request (``InvalidInput``); elsewhere every
+    unknown exception is an ``EngineFault``. ``dead``: the engine's own "I am gone" errors
+    (``BackendDied``). Cancellation and generator exits pass through untouched.
+    """
+    try:
+        yield
+    except BackendError:
+        raise
+    except dead as exc:
+        raise BackendDied(f"{engine} died: {exc or type(exc).__name__}") from exc
+    except _template_errors() as exc:
+        raise InvalidInput(f"the chat template rejected the messages: {exc}") from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        if not rendering:
+            raise EngineFault(f"{engine}: {type(exc).__name__}: {exc}") from exc
+        raise InvalidInput(f"{engine} cannot render this request: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the point: nothing raw crosses the boundary
+        raise EngineFault(f"{engine}: {type(exc).__name__}: {exc}") from exc
 
 
 class Backend(Protocol):
@@ -147,11 +209,13 @@ class Backend(Protocol):
         """Load the model; ready on return, or ``BackendStartError`` (state failed)."""
 
     async def prepare(self, request: GenerationRequest) -> Prepared:
-        """Render the chat template and tokenize with this engine's tokenizer (in a worker thread)."""
+        """Render the chat template and tokenize with this engine's tokenizer (in the backend's
+        own worker thread); ``InvalidInput`` when the request cannot be rendered."""
 
     def generate(self, request: GenerationRequest, prepared: Prepared | None = None) -> AsyncIterator[Delta]:
         """Stream deltas (``prepared``: this backend's ``prepare`` of the same request, else it
-        prepares itself). Closing the iterator early aborts the request in the engine."""
+        prepares itself). Closing the iterator early aborts the request in the engine; ``aclose()``
+        returns once the engine no longer works on it (its slot is really free)."""
 
     async def abort(self, request_id: str) -> None:
         """Stop a running request and free its slot; unknown ids are ignored."""

@@ -1,9 +1,11 @@
 """llama.cpp in-process through llama-cpp-python: the terminal fallback.
 
 One ``llama_cpp.Llama`` is not thread-safe, so each instance has exactly one owner at a time: a
-request takes an instance from the pool, a worker thread drives the blocking generator, and the
-instance goes back only when that thread is done. The event loop never blocks on the engine.
-Prompts are rendered (chat template from the GGUF) and tokenized here, so token counts, context
+request takes an instance from the pool, one of the backend's own generation threads drives the
+blocking generator, and the instance goes back only when that thread is done. ``abort`` and
+``stop`` return only once the thread has let go of the instance, so a slot that admission frees
+is really free, and no instance is closed while a thread is inside it. Prompts are rendered
+(chat template from the GGUF) and tokenized on a thread of their own, so token counts, context
 checks and failover continuation behave the same as with vLLM.
 """
 
@@ -13,6 +15,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,13 @@ from agent.backends.base import (
     Delta,
     GenerationRequest,
     Health,
+    InvalidInput,
     Prepared,
     PromptTooLong,
     StateOwner,
+    boundary,
 )
+from agent.backends.threads import Workers
 from agent.planner.types import LlamaCppPlan
 
 log = logging.getLogger(__name__)
@@ -35,22 +41,60 @@ _GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type enum values
 _DONE = object()
 
 
+def llama_kwargs(plan: LlamaCppPlan, visible_gpus: int) -> dict[str, Any]:
+    """``llama_cpp.Llama`` keyword arguments for the plan.
+
+    llama.cpp numbers the devices CUDA shows this process, and its ``tensor_split`` has one
+    share per visible device: a GPU the plan does not use gets 0, so layers never spill onto it
+    (without a split llama.cpp spreads layers over every visible GPU).
+    """
+    kwargs: dict[str, Any] = dict(
+        n_ctx=plan.n_ctx, n_threads=plan.n_threads, n_batch=plan.n_batch, n_gpu_layers=plan.n_gpu_layers,
+        main_gpu=plan.main_gpu, flash_attn=plan.flash_attn, verbose=False,
+    )
+    if plan.n_gpu_layers and visible_gpus > 1 and plan.per_gpu:
+        shares = plan.tensor_split or (1.0,)
+        split = [0.0] * visible_gpus
+        for gpu, share in zip(plan.per_gpu, shares):
+            if gpu.index < visible_gpus:
+                split[gpu.index] = share
+        kwargs["tensor_split"] = split
+    if plan.type_k != "f16":
+        kwargs["type_k"] = _GGML_TYPES[plan.type_k]
+    if plan.type_v != "f16":
+        kwargs["type_v"] = _GGML_TYPES[plan.type_v]
+    return kwargs
+
+
+@dataclass
+class _Running:
+    """One generation on one instance: the thread's future and how to stop it."""
+
+    cancel: threading.Event
+    reserved: int  # prompt + max_tokens, for capacity()
+    worker: asyncio.Future | None = None
+
+
 class LlamaCppBackend:
     """Backend over ``llama_cpp.Llama`` instances built from a llama.cpp plan."""
 
     name = "llamacpp"
 
-    def __init__(self, plan: LlamaCppPlan, model_path: Path, model_name: str) -> None:
+    def __init__(self, plan: LlamaCppPlan, model_path: Path, model_name: str, visible_gpus: int = 0) -> None:
         self.plan = plan
         self.model_path = Path(model_path)
         self.model_name = model_name
+        self.visible_gpus = visible_gpus
         self._state = StateOwner(self.name)
         self._pool: asyncio.Queue[Any] | None = None
         self._all: list[Any] = []
         self._vocab: Any = None  # a vocab-only Llama: tokenizing never touches a busy context
         self._formatter: Any = None
-        self._active: dict[str, tuple[threading.Event, int]] = {}
+        self._running: dict[str, _Running] = {}
         self._n_ctx = plan.n_ctx
+        self._max_token_bytes = 64
+        self._gen = Workers("llamacpp-gen", max(1, plan.instances))
+        self._tok = Workers("llamacpp-tok", 1)
 
     @property
     def state(self) -> BackendState:
@@ -60,7 +104,7 @@ class LlamaCppBackend:
     async def start(self) -> None:
         self._state.move(BackendState.STARTING)
         try:
-            self._all = await asyncio.to_thread(self._load)
+            self._all = await self._gen.run(self._load)
         except Exception as exc:  # llama_cpp raises ValueError/RuntimeError with its own text
             self._state.move(BackendState.FAILED, error=str(exc))
             raise BackendStartError(self.name, f"{exc} (model {self.model_path})") from exc
@@ -69,7 +113,7 @@ class LlamaCppBackend:
         for llm in self._all:
             self._pool.put_nowait(llm)
         self._state.move(BackendState.READY)
-        log.info("llama.cpp ready: %s, %d instance(s), n_ctx %d", self.model_path.name, len(self._all), self.plan.n_ctx)
+        log.info("llama.cpp ready: %s, %d instance(s), n_ctx %d", self.model_path.name, len(self._all), self._n_ctx)
 
     def _load(self) -> list[Any]:
         import llama_cpp
@@ -77,23 +121,15 @@ class LlamaCppBackend:
 
         if not self.model_path.is_file():
             raise FileNotFoundError(f"GGUF file {self.model_path} does not exist")
-        p = self.plan
-        kwargs: dict[str, Any] = dict(
-            n_ctx=p.n_ctx, n_threads=p.n_threads, n_batch=p.n_batch, n_gpu_layers=p.n_gpu_layers,
-            main_gpu=p.main_gpu, flash_attn=p.flash_attn, verbose=False,
-        )
-        if p.tensor_split:
-            kwargs["tensor_split"] = list(p.tensor_split)
-        if p.type_k != "f16":
-            kwargs["type_k"] = _GGML_TYPES[p.type_k]
-        if p.type_v != "f16":
-            kwargs["type_v"] = _GGML_TYPES[p.type_v]
-        instances = [llama_cpp.Llama(model_path=str(self.model_path), **kwargs) for _ in range(p.instances)]
+        kwargs = llama_kwargs(self.plan, self.visible_gpus)
+        instances = [llama_cpp.Llama(model_path=str(self.model_path), **kwargs) for _ in range(self.plan.instances)]
         for llm in instances:
             # Warm-up: page the mmapped weights in and build the compute graph now, so the first
             # request (often a failover from vLLM) does not pay for it.
             llm.create_completion(prompt=llm.tokenize(b"Hello"), max_tokens=1, temperature=0)
         self._vocab = llama_cpp.Llama(model_path=str(self.model_path), vocab_only=True, verbose=False)
+        model = self._vocab._model
+        self._max_token_bytes = max(len(model.token_get_text(i).encode()) for i in range(model.n_vocab()))
         first = instances[0]
         template = first.metadata.get("tokenizer.chat_template")
         if template:
@@ -107,8 +143,12 @@ class LlamaCppBackend:
         return instances
 
     async def stop(self) -> None:
-        for event, _ in list(self._active.values()):
-            event.set()
+        running = list(self._running.values())
+        for run in running:
+            run.cancel.set()
+        workers = [r.worker for r in running if r.worker is not None]
+        if workers:  # each stops at its next token; never close an instance a thread is inside
+            await asyncio.gather(*(asyncio.shield(w) for w in workers), return_exceptions=True)
         for llm in self._all:
             try:
                 llm.close()
@@ -121,19 +161,20 @@ class LlamaCppBackend:
     # --- requests ------------------------------------------------------------------------
     def _render(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
         """Prompt token ids and extra stop strings, as llama-cpp-python's chat handler makes them."""
-        if request.messages is None:
-            text = (request.prompt or "") + request.assistant_prefix
-            return self._vocab.tokenize(text.encode(), add_bos=True, special=True), []
-        if self._formatter is None:
-            raise ValueError(f"{self.model_path.name} has no chat template; use /v1/completions")
-        result = self._formatter(messages=list(request.messages))
-        text = result.prompt + request.assistant_prefix
-        stops = [] if result.stop is None else ([result.stop] if isinstance(result.stop, str) else list(result.stop))
-        return self._vocab.tokenize(text.encode(), add_bos=not result.added_special, special=True), stops
+        with boundary(self.name, rendering=True):
+            if request.messages is None:
+                text = (request.prompt or "") + request.assistant_prefix
+                return self._vocab.tokenize(text.encode(), add_bos=True, special=True), []
+            if self._formatter is None:
+                raise InvalidInput(f"{self.model_path.name} has no chat template; use /v1/completions")
+            result = self._formatter(messages=list(request.messages))
+            text = result.prompt + request.assistant_prefix
+            stops = [] if result.stop is None else ([result.stop] if isinstance(result.stop, str) else list(result.stop))
+            return self._vocab.tokenize(text.encode(), add_bos=not result.added_special, special=True), stops
 
     async def prepare(self, request: GenerationRequest) -> Prepared:
         self._state.require_serving()
-        tokens, stops = await asyncio.to_thread(self._render, request)
+        tokens, stops = await self._tok.run(self._render, request)
         return Prepared(len(tokens), (tokens, stops))
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
@@ -142,60 +183,74 @@ class LlamaCppBackend:
     async def generate(self, request: GenerationRequest, prepared: Prepared | None = None) -> AsyncIterator[Delta]:
         self._state.require_serving()
         tokens, stops = (prepared or await self.prepare(request)).data
-        n_ctx = self._n_ctx
-        if len(tokens) >= n_ctx:
-            raise PromptTooLong(len(tokens), n_ctx)
+        n_prompt, n_ctx = len(tokens), self._n_ctx
+        if n_prompt >= n_ctx:
+            raise PromptTooLong(n_prompt, n_ctx)
         assert self._pool is not None
-        llm = await self._pool.get()
-        cancel = threading.Event()
-        self._active[request.request_id] = (cancel, len(tokens) + request.max_tokens)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        worker = loop.run_in_executor(None, self._drive, llm, tokens, stops, request, cancel, queue, loop)
-        text: list[str] = []
+        pool = self._pool
+        run = _Running(threading.Event(), n_prompt + request.max_tokens)
+        self._running[request.request_id] = run
+        llm = None
         try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                chunk_text, finish = item
-                text.append(chunk_text)
-                if finish is None:
-                    if chunk_text:
-                        yield Delta(chunk_text)
-                    continue
-                done = await asyncio.to_thread(self._count_completion, "".join(text))
-                yield Delta(chunk_text, finish, len(tokens), done)
+            llm = await pool.get()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            run.worker = self._gen.submit(self._drive, llm, tokens, stops, request, run.cancel, queue, loop)
+            # The instance goes back when the thread is done, never earlier, whoever stops waiting.
+            run.worker.add_done_callback(lambda _, llm=llm: pool.put_nowait(llm))
+            with boundary(self.name):
+                while True:
+                    item = await queue.get()
+                    if item is _DONE:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    text, finish, generated = item
+                    if finish is not None or text:
+                        yield Delta(text, finish, n_prompt, generated)
         finally:
-            cancel.set()  # the worker closes the generator at its next token
-            self._active.pop(request.request_id, None)
-            # The instance goes back when the worker thread is done, with no await here: a client
-            # that leaves cancels this task, and under anyio every await in a finally is cancelled too.
-            pool = self._pool
-            worker.add_done_callback(lambda _: pool.put_nowait(llm) if pool is not None else None)
-
-    def _count_completion(self, text: str) -> int:
-        return len(self._vocab.tokenize(text.encode(), add_bos=False, special=False)) if text else 0
+            run.cancel.set()  # the thread stops at its next token
+            if run.worker is None:
+                if llm is not None:
+                    pool.put_nowait(llm)
+                self._running.pop(request.request_id, None)
+            else:
+                run.worker.add_done_callback(lambda _: self._running.pop(request.request_id, None))
+                # Closing returns once the thread let go of the instance. Cancelled here (a client
+                # that left, under anyio), the callbacks above still give it back when it ends.
+                await asyncio.gather(asyncio.shield(run.worker), return_exceptions=True)
 
     def _drive(self, llm: Any, tokens: list[int], stops: list[str], request: GenerationRequest,
                cancel: threading.Event, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: run the blocking generator, hand chunks to the event loop."""
+        """Generation thread: run the blocking generator, hand (text, finish, tokens so far) to the loop.
+
+        llama-cpp-python releases held-back text (stop strings, UTF-8 sequences) several tokens
+        at a time, so the token count comes from a stopping criterion, which it calls once per
+        sampled token with the ids so far; the same criterion stops the generation on cancel.
+        """
+        import llama_cpp
+
         put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
+        generated = [0]
+
+        def counted(ids: Any, _logits: Any) -> bool:
+            generated[0] = max(generated[0], len(ids) - len(tokens) + 1)
+            return cancel.is_set()
+
         gen = None
         try:
             gen = llm.create_completion(
                 prompt=tokens, max_tokens=request.max_tokens, temperature=request.temperature,
                 top_p=request.top_p, top_k=0, min_p=0.0, repeat_penalty=1.0,
                 stop=list(request.stop) + stops or None, seed=request.seed, stream=True,
+                stopping_criteria=llama_cpp.StoppingCriteriaList([counted]),
             )
             for chunk in gen:
                 if cancel.is_set():
                     break
                 choice = chunk["choices"][0]
-                put((choice["text"], choice.get("finish_reason")))
-        except Exception as exc:
+                put((choice["text"], choice.get("finish_reason"), generated[0]))
+        except Exception as exc:  # noqa: BLE001 - handed to the loop, typed at the boundary there
             log.warning("llama.cpp generation %s failed: %s", request.request_id, exc)
             put(exc)
         finally:
@@ -204,16 +259,20 @@ class LlamaCppBackend:
             put(_DONE)
 
     async def abort(self, request_id: str) -> None:
-        entry = self._active.get(request_id)
-        if entry:
-            entry[0].set()
+        """Stop the request and return once its thread has let go of the instance."""
+        run = self._running.get(request_id)
+        if run is None:
+            return
+        run.cancel.set()
+        if run.worker is not None:
+            await asyncio.gather(asyncio.shield(run.worker), return_exceptions=True)
 
     # --- reporting -----------------------------------------------------------------------
     def capacity(self) -> Capacity:
         n = len(self._all) or self.plan.instances
-        in_use = sum(min(reserved, self._n_ctx) for _, reserved in self._active.values())
+        in_use = sum(min(r.reserved, self._n_ctx) for r in self._running.values())
         return Capacity(kv_tokens_total=self._n_ctx * n, kv_tokens_in_use=in_use, max_context=self._n_ctx,
-                        slots_total=n, slots_in_use=len(self._active))
+                        slots_total=n, slots_in_use=len(self._running), max_token_bytes=self._max_token_bytes)
 
     def health(self) -> Health:
         return self._state.health({"model": self.model_name, "n_ctx": self._n_ctx,

@@ -1,10 +1,11 @@
 """vLLM in-process: ``AsyncLLM`` in the agent's event loop; its EngineCore is vLLM's child process.
 
-Start-up (~15-60 s) and shutdown run in a worker thread so the loop keeps answering health
-checks. A monitor task watches ``engine.errored``: a killed EngineCore is noticed within one poll
-(0.1 s) and the backend moves to failed; in-flight streams end with ``BackendDied``.
-Environment for the engine (devices, P2P, layer split, CPU KV space) is set before the engine
-spawns its processes, which inherit it.
+Start-up (~15-60 s) and shutdown run on a thread of the backend's own so the loop keeps
+answering health checks. A monitor task watches ``engine.errored``: a killed EngineCore is
+noticed within one poll (0.1 s) and the backend moves to failed; in-flight streams end with
+``BackendDied``. Environment for the engine (devices, P2P, layer split, CPU KV space) is set
+while the engine spawns its processes, which inherit it. The HF fast tokenizer is not
+thread-safe ("Already borrowed", huggingface/tokenizers#537): it runs on one thread of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +32,52 @@ from agent.backends.base import (
     Prepared,
     PromptTooLong,
     StateOwner,
+    boundary,
 )
+from agent.backends.threads import Workers
 from agent.planner.types import VllmPlan
 
 log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 0.1
 
 
-def engine_environment(plan: VllmPlan, cpu_kvcache_gib: int) -> dict[str, str]:
-    """Variables the engine's processes must see (they read them at spawn)."""
+def engine_environment(plan: VllmPlan, cpu_kvcache_gib: int, physical: Mapping[int, int] | None = None
+                       ) -> dict[str, str]:
+    """Variables the engine's processes must see (they read them at spawn).
+
+    ``plan.devices`` are CUDA ordinals of this process (after the operator's
+    CUDA_VISIBLE_DEVICES); the engine's processes get the physical (NVML, PCI bus order) indices
+    behind them in ``physical``, so CUDA_VISIBLE_DEVICES=2,3 and a plan on ordinals 0,1 run on
+    GPUs 2 and 3, not 0 and 1.
+    """
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "VLLM_CPU_KVCACHE_SPACE": str(cpu_kvcache_gib)}
     if plan.devices:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in plan.devices)
+        ids = [(physical or {}).get(d, d) for d in plan.devices]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
     if plan.disable_p2p:
         env["NCCL_P2P_DISABLE"] = "1"
     if plan.pp_layer_partition:
         env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in plan.pp_layer_partition)
     return env
+
+
+@contextlib.contextmanager
+def spawn_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``env`` in os.environ while the engine spawns its processes, the old values after.
+
+    Set only for the spawn: llama.cpp runs in this process and must keep numbering the GPUs
+    the operator made visible. The supervisor never runs two starts at once.
+    """
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def engine_args(plan: VllmPlan, model_dir: Path) -> dict[str, Any]:
@@ -79,18 +109,24 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, plan: VllmPlan, model_dir: Path, model_name: str, cpu_kvcache_gib: int = 1) -> None:
+    def __init__(self, plan: VllmPlan, model_dir: Path, model_name: str, cpu_kvcache_gib: int = 1,
+                 physical_gpus: Mapping[int, int] | None = None) -> None:
         self.plan = plan
         self.model_dir = Path(model_dir)
         self.model_name = model_name
         self.cpu_kvcache_gib = cpu_kvcache_gib
+        self.physical_gpus = dict(physical_gpus or {})  # CUDA ordinal -> NVML index
         self._state = StateOwner(self.name)
         self._engine: Any = None
         self._tokenizer: Any = None
         self._monitor: asyncio.Task | None = None
         self._kv_tokens = 0
         self._max_len = plan.max_model_len
+        self._max_token_bytes = 64
         self._active: dict[str, int] = {}  # request id -> reserved tokens
+        self._aborting: dict[str, asyncio.Future] = {}
+        self._lifecycle = Workers("vllm-life", 1)
+        self._tok = Workers("vllm-tok", 1)  # one thread: the tokenizer is not thread-safe
 
     @property
     def state(self) -> BackendState:
@@ -108,9 +144,9 @@ class VllmBackend:
     async def start(self) -> None:
         self._state.move(BackendState.STARTING)
         errors = _ErrorLog()
-        os.environ.update(engine_environment(self.plan, self.cpu_kvcache_gib))
         try:
-            self._engine = await asyncio.to_thread(self._build, errors.config_path)
+            with spawn_environment(engine_environment(self.plan, self.cpu_kvcache_gib, self.physical_gpus)):
+                self._engine = await self._lifecycle.run(self._build, errors.config_path)
         except Exception as exc:
             # The EngineCore child logs its real reason; the agent only gets "initialization failed".
             reason = errors.last_exception() or f"{type(exc).__name__}: {exc}"
@@ -122,6 +158,7 @@ class VllmBackend:
         self._kv_tokens = int(cfg.cache_config.num_gpu_blocks or 0) * int(cfg.cache_config.block_size)
         self._max_len = int(cfg.model_config.max_model_len)
         self._tokenizer = self._engine.get_tokenizer()
+        self._max_token_bytes = await self._tok.run(_longest_token_bytes, self._tokenizer)
         self._monitor = asyncio.create_task(self._watch(), name="vllm-monitor")
         self._state.move(BackendState.READY)
         log.info("vLLM ready: %s, KV cache %d tokens, max_model_len %d", self.model_name, self._kv_tokens, self._max_len)
@@ -155,21 +192,22 @@ class VllmBackend:
             self._monitor.cancel()
             self._monitor = None
         if engine is not None:
-            await asyncio.to_thread(engine.shutdown)
+            await self._lifecycle.run(engine.shutdown)
         if self._state.state != BackendState.STOPPED:
             self._state.move(BackendState.STOPPED)
 
     # --- requests ------------------------------------------------------------------------
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        tok = self._tokenizer
-        if request.messages is None:
-            return tok.encode((request.prompt or "") + request.assistant_prefix)
-        text = tok.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
-        return tok.encode(text + request.assistant_prefix, add_special_tokens=False)
+        with boundary(self.name, rendering=True):
+            tok = self._tokenizer
+            if request.messages is None:
+                return tok.encode((request.prompt or "") + request.assistant_prefix)
+            text = tok.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+            return tok.encode(text + request.assistant_prefix, add_special_tokens=False)
 
     async def prepare(self, request: GenerationRequest) -> Prepared:
         self._state.require_serving()
-        ids = await asyncio.to_thread(self._prompt_ids, request)
+        ids = await self._tok.run(self._prompt_ids, request)
         return Prepared(len(ids), ids)
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
@@ -188,40 +226,54 @@ class VllmBackend:
             max_tokens=min(request.max_tokens, self._max_len - len(ids)), temperature=request.temperature,
             top_p=request.top_p, stop=list(request.stop), seed=request.seed, output_kind=RequestOutputKind.DELTA,
         )
-        self._active[request.request_id] = len(ids) + params.max_tokens
+        rid = request.request_id
+        self._active[rid] = len(ids) + params.max_tokens
         finished = False
         done = 0
         try:
-            async for out in self._engine.generate({"prompt_token_ids": ids}, params, request.request_id):
-                c = out.outputs[0]
-                done += len(c.token_ids)
-                finished = out.finished
-                if finished:
-                    yield Delta(c.text, c.finish_reason or "stop", len(ids), done)
-                elif c.text:
-                    yield Delta(c.text)
-        except EngineDeadError as exc:
+            with boundary(self.name, dead=(EngineDeadError,)):
+                async for out in self._engine.generate({"prompt_token_ids": ids}, params, rid):
+                    c = out.outputs[0]
+                    done += len(c.token_ids)
+                    finished = out.finished
+                    if finished or c.text:
+                        yield Delta(c.text, (c.finish_reason or "stop") if finished else None, len(ids), done)
+        except BackendDied:
             if self._state.state in (BackendState.READY, BackendState.DEGRADED):
                 self._state.move(BackendState.FAILED, error="vLLM EngineCore died")
-            raise BackendDied("vLLM EngineCore died during the request") from exc
+            raise
         finally:
-            self._active.pop(request.request_id, None)
+            self._active.pop(rid, None)
             if not finished and self._engine is not None and not self._engine.errored:
-                await self._engine.abort(request.request_id)
+                # A task, not an await: a client that left cancels this generator, and under anyio
+                # every await in a finally is cancelled too; the engine must still drop the request.
+                task = self._aborting[rid] = asyncio.ensure_future(self._engine.abort(rid))
+                task.add_done_callback(lambda _: self._aborting.pop(rid, None))
 
     async def abort(self, request_id: str) -> None:
-        if self._engine is not None and request_id in self._active:
+        """Stop the request; returns once the engine was told."""
+        pending = self._aborting.get(request_id)
+        if pending is not None:
+            await asyncio.gather(asyncio.shield(pending), return_exceptions=True)
+        elif self._engine is not None and request_id in self._active and not self._engine.errored:
             await self._engine.abort(request_id)
 
     # --- reporting -----------------------------------------------------------------------
     def capacity(self) -> Capacity:
         in_use = sum(min(v, self._max_len) for v in self._active.values())
         return Capacity(kv_tokens_total=self._kv_tokens, kv_tokens_in_use=in_use, max_context=self._max_len,
-                        slots_total=self.plan.max_num_seqs, slots_in_use=len(self._active))
+                        slots_total=self.plan.max_num_seqs, slots_in_use=len(self._active),
+                        max_token_bytes=self._max_token_bytes)
 
     def health(self) -> Health:
         return self._state.health({"model": self.model_name, "engine_pid": self.engine_pid,
                                    "kv_cache_tokens": self._kv_tokens})
+
+
+def _longest_token_bytes(tokenizer: Any) -> int:
+    """UTF-8 bytes of the vocabulary's longest entry: an upper bound on the text one token
+    covers (byte-level BPE spells each byte as one character, SentencePiece's space as one)."""
+    return max((len(t.encode()) for t in tokenizer.get_vocab()), default=64)
 
 
 def _reap_orphans() -> None:

@@ -176,9 +176,7 @@ def show_config(
         sys.stdout.write(markdown())
         return
     settings = load(config)
-    data = settings.model_dump(mode="json")
-    if data["server"]["api_key"]:
-        data["server"]["api_key"] = "***"
+    data = settings.model_dump(mode="json")  # secrets (SecretStr) dump as "**********"
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:

@@ -3,25 +3,30 @@
 ``create_app(settings, node)`` builds it; all state lives on the objects passed in, none at
 module level. Handlers never branch on which engine serves: the router decides and the
 ``x-node-agent-backend`` header names it. The health endpoints (/health/*, /v1/node, /metrics)
-never touch admission or an engine, and take their own token (``health.token``).
+never touch admission or an engine, and take their own token (``health.token``). Size and
+authentication are decided by the ``Gate`` before any body is read. A non-streamed request
+whose client leaves is aborted in the engine (as vLLM's server does); a stream always ends with
+``[DONE]``, after an error event when it could not be finished.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import __version__
-from agent.serving.errors import ApiError, InvalidRequest, ModelNotFound, Unauthorized
+from agent.serving.errors import ApiError, InvalidRequest, ModelNotFound
+from agent.serving.gate import Gate
 from agent.serving.metrics import CONTENT_TYPE, ENDPOINTS
 from agent.serving.node import Node
 from agent.serving.openai import (
@@ -34,7 +39,7 @@ from agent.serving.openai import (
     new_id,
     usage,
 )
-from agent.serving.router import Router, Served, StreamInterrupted
+from agent.serving.router import Router, Served
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,12 +60,13 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequest:
 def create_app(settings: Settings, node: Node) -> FastAPI:
     """The ASGI app; the caller owns the router's and the monitor's lifecycles."""
     router, model_name = node.router, node.model_name
-    app = FastAPI(title="node-agent", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(title="node-agent", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if settings.server.openapi else None)
     app.state.node = node
     app.state.settings = settings
-    app.add_middleware(RequestMetrics, telemetry=node.telemetry)
-    api_key = settings.server.api_key
-    health_token = settings.health.token
+    app.add_middleware(Gate, api_key=_secret(settings.server.api_key), health_token=_secret(settings.health.token),
+                       max_body_bytes=settings.server.max_request_bytes)
+    app.add_middleware(RequestMetrics, telemetry=node.telemetry)  # outermost: refusals are counted too
     log_prompts = settings.server.log_prompts
     default_max = settings.admission.default_max_tokens
 
@@ -88,10 +94,8 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
         err = _validation_error(exc)
         return JSONResponse(err.body(), status_code=err.status)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(
-        _bearer(api_key, "missing or wrong API key (Authorization: Bearer <key>)"))])
-    health = APIRouter(dependencies=[Depends(
-        _bearer(health_token, "missing or wrong health token (Authorization: Bearer <health.token>)"))])
+    v1 = APIRouter(prefix="/v1")
+    health = APIRouter()
 
     def log_request(endpoint: str, gen) -> None:
         """server.log_prompts: the text, as one JSON line at INFO; off: sizes only, at DEBUG."""
@@ -125,12 +129,16 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             await events.aclose()  # the router releases the request's KV and aborts the engine
             log_answer(request_id, backend, "".join(parts), last)
 
-    async def answer(endpoint: str, gen, stream: bool, whole, frame):
+    async def answer(raw: Request, endpoint: str, gen, stream: bool, whole, frame):
         """Both endpoints: one JSON answer built by ``whole(text, last)``, or an SSE stream of
         ``frame`` chunks; the backend is named in the header either way."""
         log_request(endpoint, gen)
         if not stream:
-            backend, text, last = await router.complete(gen)
+            result = await _unless_disconnected(raw, router.complete(gen))
+            if result is None:
+                log.info("request %s: the client left; aborted", gen.request_id)
+                return Response(status_code=499)
+            backend, text, last = result
             log_answer(gen.request_id, backend, text, last)
             return JSONResponse(whole(text, last), headers={BACKEND_HEADER: backend})
         events = router.stream(gen)
@@ -146,7 +154,7 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
                                             "owned_by": "node-agent"}]}
 
     @v1.post("/chat/completions")
-    async def chat(body: ChatCompletionRequest):
+    async def chat(body: ChatCompletionRequest, raw: Request):
         check_model(body.model)
         rid = new_id("chatcmpl")
         gen = body.to_generation(rid, default_max)
@@ -165,11 +173,11 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             if d.finish_reason and body.include_usage():
                 out.append(chat_chunk(rid, model_name, created, {}, None, usage(d)))
             return out
-        return await answer("/v1/chat/completions", gen, body.stream,
+        return await answer(raw, "/v1/chat/completions", gen, body.stream,
                             lambda text, last: chat_response(rid, model_name, text, last), frame)
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
         rid = new_id("cmpl")
         gen = body.to_generation(rid)
@@ -183,7 +191,7 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             if d.finish_reason and body.include_usage():
                 out.append(completion_chunk(rid, model_name, created, "", None, usage(d)))
             return out
-        return await answer("/v1/completions", gen, body.stream,
+        return await answer(raw, "/v1/completions", gen, body.stream,
                             lambda text, last: completion_response(rid, model_name, text, last), frame)
 
     @health.get("/health/live")
@@ -249,17 +257,33 @@ class RequestMetrics:
             self.telemetry.request_done(path, seen["backend"], seen["status"], time.monotonic() - started)
 
 
-def _bearer(token: str | None, refusal: str):
-    """A dependency requiring ``Authorization: Bearer <token>`` (constant-time), or nothing when
-    no token is set. A dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware runs
-    streaming bodies in a task that a client disconnect does not cancel, so engines never learned
-    that a client left."""
-    async def check(request: Request) -> None:
-        if token:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise Unauthorized(refusal)
-    return check
+def _secret(value) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+async def _unless_disconnected(request: Request, work):
+    """``await work``, unless the client disconnects first: then ``work`` is cancelled (the
+    router aborts the request in the engine) and None is returned. As vLLM's server does:
+    without it, a client that gave up (and the openai client's retries) keep the engine busy."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 async def _sse(events: AsyncIterator[Served], frame) -> StreamingResponse:
@@ -277,10 +301,14 @@ async def _sse(events: AsyncIterator[Served], frame) -> StreamingResponse:
             async for served in events:
                 for chunk in frame(served, False):
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
-        except (StreamInterrupted, ApiError) as exc:
-            err = exc.body() if isinstance(exc, ApiError) else {
-                "error": {"message": str(exc), "type": "server_error", "param": None, "code": "stream_interrupted"}}
-            log.warning("stream ended with an error: %s", err["error"]["message"])
+        except Exception as exc:  # noqa: BLE001 - a stream always ends with an error event and [DONE]
+            err = exc.body() if isinstance(exc, ApiError) else {"error": {
+                "message": f"internal error ({type(exc).__name__}); the agent's log has the details",
+                "type": "server_error", "param": None, "code": "internal_error"}}
+            if isinstance(exc, ApiError):
+                log.warning("stream ended with an error: %s", err["error"]["message"])
+            else:
+                log.error("stream ended with an unexpected error", exc_info=exc)
             yield f"data: {json.dumps(err)}\n\n".encode()
         finally:
             # A client that goes away cancels this body's task; Starlette cancels through anyio,

@@ -83,19 +83,18 @@ class NodeMonitor:
 
     # --- readiness -----------------------------------------------------------------------
     def compute_readiness(self) -> Readiness:
-        """ok: the chain's first backend serves; degraded: a later one serves, or VRAM pressure;
-        loading: nothing serves yet and something is starting; unavailable: nothing serves."""
+        """ok: the chain's first backend serves with its breaker closed; degraded: a later one
+        serves, the first one's breaker is not closed, or VRAM pressure; loading: nothing serves
+        yet and something is starting; unavailable: nothing serves."""
         router = self.router
         serving = router.serving()
         if serving:
-            route = serving[0]
+            route, first = serving[0], router.routes[0]
             why = []
-            if route is not router.routes[0]:
-                first = router.routes[0]
-                if first.backend.state is BackendState.STARTING:
-                    why.append(f"serving from the fallback {route.name} while {first.name} starts")
-                else:
-                    why.append(f"serving from the fallback {route.name}; {first.name} is {first.backend.state.value}")
+            if route is not first:
+                why.append(f"serving from the fallback {route.name}; {_why_not_serving(first)}")
+            elif first.breaker.state != "closed":
+                why.append(f"{first.name}: {_breaker_line(first)}")
             why += [f"{name}: {text}" for name, text in self.pressure.items()]
             return Readiness("degraded" if why else "ok", route.name, "; ".join(why) or None)
         states = describe_states(router.routes)
@@ -166,6 +165,27 @@ class NodeMonitor:
         finally:
             if self.sampler is not None:
                 self.sampler.close()
+
+
+def _breaker_line(route: Route) -> str:
+    b = route.breaker.describe()
+    line = f"breaker {b['state']} after {b['failures']} failure(s)"
+    if b["last_failure"]:
+        line += f" (last: {b['last_failure']})"
+    if b["probe_in_s"] is not None:
+        line += f"; one probe request in {b['probe_in_s']:g} s"
+    elif b["state"] == "half_open":
+        line += "; the next request probes it"
+    return line
+
+
+def _why_not_serving(route: Route) -> str:
+    state = route.backend.state
+    if state is BackendState.STARTING:
+        return f"{route.name} is starting"
+    if state in (BackendState.READY, BackendState.DEGRADED):
+        return f"{route.name} {_breaker_line(route)}"
+    return f"{route.name} is {state.value}"
 
 
 def _status_line(r: Readiness) -> str:

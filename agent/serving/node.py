@@ -89,6 +89,7 @@ class Node:
             "restarts": route.restarts,
             "given_up": route.gave_up,
             "breaker": route.breaker.state,
+            "breaker_detail": route.breaker.describe(),
             "last_error": health.last_error,
             "admission": {
                 "kv_capacity_tokens": cap.kv_tokens_total,

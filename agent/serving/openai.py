@@ -16,6 +16,8 @@ from agent.backends.base import Delta, GenerationRequest
 from agent.serving.errors import InvalidRequest
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 1024
+MAX_MESSAGES = 2048  # (the body itself is bounded by server.max_request_bytes before it is parsed)
 
 
 class _Request(BaseModel):
@@ -39,6 +41,8 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in items):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return v
 
     def stops(self) -> tuple[str, ...]:
@@ -72,7 +76,7 @@ class ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=1_048_576)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
     response_format: ResponseFormat | None = None

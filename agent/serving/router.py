@@ -1,21 +1,30 @@
-"""The one place that decides which backend serves: the chain, breakers, failover, restarts.
+"""The one place that decides which backend serves a request: the chain, admission, failover.
 
-A request goes to the first backend of the chain that is serving and whose breaker lets it
-through. When that backend dies, stalls before its first token, or fails, the request moves to
-the next one: a non-streamed request starts over there (the client sees one answer); a stream
-continues there with the text produced so far as the assistant's prefix (or ends with an error
-when ``router.continue_streams`` is off). Every switch is one structured log event and a counter.
-A backend that fails is restarted in the background with exponential backoff; traffic returns
-to it once it is ready again.
+A request goes to the first backend of the chain that serves and whose breaker gives it a
+permit. One attempt on one backend: refuse early what it cannot take (its queue is full, the
+prompt is too large by its size alone), tokenize once, reserve KV, generate. The request moves
+to the next backend when this one dies, raises an engine fault, cannot hold the request (a
+smaller context than the chain's largest), gives no first token in time while another backend
+could take over, or (``admission.overflow``) its queue is full. A non-streamed request then
+starts over (the client sees one answer); a stream continues after the text already sent (or
+ends with an error event when ``router.continue_streams`` is off). Every switch is one
+structured event and a counter. The client's own errors (a template error, a prompt longer than
+any engine's context) are answered at once, never failed over.
+
+Usage is what the client received: the original prompt's tokens, and the completion tokens of
+every engine that contributed to the answer. Starting, restarting and giving up backends is the
+``Supervisor``'s; breaker state is the ``Breaker``'s, reported only through a ``Permit``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,14 +35,17 @@ from agent.backends.base import (
     BackendDied,
     BackendError,
     BackendNotReady,
-    BackendStartError,
     BackendState,
     Delta,
+    EngineFault,
     GenerationRequest,
+    InvalidInput,
     PromptTooLong,
 )
 from agent.serving.admission import Admission
-from agent.serving.errors import ContextTooLong, EngineFailed, NotReady, Overloaded
+from agent.serving.breaker import OPEN, Breaker, Permit
+from agent.serving.errors import ApiError, ContextTooLong, EngineFailed, InvalidRequest, NotReady, Overloaded
+from agent.serving.supervisor import Route, Supervisor
 from agent.settings import AdmissionSettings, RouterSettings
 
 log = logging.getLogger(__name__)
@@ -41,66 +53,31 @@ events = logging.getLogger("agent.events")
 SERVING = (BackendState.READY, BackendState.DEGRADED)
 
 
-class FirstTokenTimeout(BackendError):
+class FirstTokenTimeout(EngineFault):
     """No first token within router.first_token_timeout_s."""
 
 
-class StreamInterrupted(Exception):
-    """A stream's backend failed and continuation is off (or nothing is left to continue on)."""
+class StreamInterrupted(ApiError):
+    """A stream's backend failed after text was sent and continuation is off."""
+
+    status = 502
+    code = "stream_interrupted"
 
 
-@dataclass
-class Breaker:
-    """closed → open (on death or N consecutive failures) → half-open after the cooldown (one
-    probe) → closed on success, open again on failure."""
+class CannotHold(ApiError):
+    """The backends serving now cannot hold the request; a bigger one of the chain could, once
+    it is back (not the client's fault: a 503 with Retry-After)."""
 
-    failures_to_open: int
-    cooldown_s: float
-    state: str = "closed"
-    failures: int = 0
-    opened_at: float = 0.0
-    probing: bool = False
+    status = 503
+    code = "context_unavailable"
 
-    def allows(self, now: float) -> bool:
-        if self.state == "closed":
-            return True
-        if self.state == "open" and now - self.opened_at >= self.cooldown_s:
-            self.state = "half_open"
-        if self.state == "half_open" and not self.probing:
-            self.probing = True
-            return True
-        return False
-
-    def success(self) -> None:
-        self.state, self.failures, self.probing = "closed", 0, False
-
-    def failure(self, now: float, fatal: bool) -> None:
-        self.failures += 1
-        self.probing = False
-        if fatal or self.failures >= self.failures_to_open or self.state == "half_open":
-            self.state, self.opened_at = "open", now
-
-
-@dataclass
-class Route:
-    """A backend with its admission and breaker."""
-
-    backend: Backend
-    admission: Admission
-    breaker: Breaker
-    restarts: int = 0
-    failed_restarts: int = 0  # consecutive; reset by a successful restart
-    gave_up: bool = False  # failed_restarts reached router.max_restart_attempts
-    supervisor: asyncio.Task | None = None
-
-    @property
-    def name(self) -> str:
-        return self.backend.name
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 @dataclass
 class Served:
-    """One delta and the backend that produced it."""
+    """One delta and the backend that produced it; counts are for the whole answer so far."""
 
     backend: str
     delta: Delta
@@ -129,6 +106,64 @@ class _NoObserver:
         pass
 
 
+class _Moved(Exception):
+    """An attempt ended without answering; the next backend may take the request.
+
+    ``refusal``: what the client gets when no backend is left (e.g. the 429 of a full queue).
+    """
+
+    def __init__(self, backend: str, reason: str, refusal: ApiError | None = None) -> None:
+        super().__init__(reason)
+        self.backend, self.reason, self.refusal = backend, reason, refusal
+        self.at = time.monotonic()
+
+    @property
+    def kind(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass
+class _Answer:
+    """One request's progress across attempts: what was delivered, and the usage behind it."""
+
+    request: GenerationRequest
+    resume: bool  # a stream: continue after the text sent; else the next backend starts over
+    tried: set[str] = field(default_factory=set)
+    text: str = ""  # delivered by earlier attempts (resume only)
+    tokens: int = 0  # completion tokens of earlier attempts whose text was delivered
+    prompt_tokens: int | None = None  # the original prompt, as the engine that began the answer counted it
+    attempt_text: str = ""
+    attempt_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_seen: bool = False
+
+    def next_request(self) -> GenerationRequest:
+        if not self.text:
+            return self.request
+        return dataclasses.replace(self.request, assistant_prefix=self.request.assistant_prefix + self.text,
+                                   max_tokens=self.remaining())
+
+    def remaining(self) -> int:
+        return self.request.max_tokens - self.tokens
+
+    def begin(self, prompt_tokens: int) -> None:
+        self.attempt_text, self.attempt_tokens = "", 0
+        if not self.text:
+            self.prompt_tokens = prompt_tokens
+
+    def account(self, backend: str, d: Delta) -> Served:
+        self.attempt_text += d.text
+        self.attempt_tokens = max(self.attempt_tokens, d.completion_tokens)
+        return Served(backend, dataclasses.replace(d, prompt_tokens=self.prompt_tokens or d.prompt_tokens,
+                                                   completion_tokens=self.tokens + self.attempt_tokens))
+
+    def attempt_failed(self) -> None:
+        if self.resume:
+            self.text += self.attempt_text
+            self.tokens += self.attempt_tokens
+        self.attempt_text, self.attempt_tokens = "", 0
+
+
 class Router:
     """Owns the routes; the request handlers only call ``stream``/``complete``."""
 
@@ -140,180 +175,174 @@ class Router:
         self.routes = [Route(b, Admission(b.name, b.capacity, ad.max_queue, ad.queue_timeout_s),
                              Breaker(rs.breaker_failures, rs.breaker_cooldown_s)) for b in backends]
         self.counters = Counters()
-        self.exhausted = asyncio.Event()  # every backend given up: nothing will serve again
-        self._stopping = False
+        self.supervisor = Supervisor(self.routes, rs)
 
-    # --- lifecycle -----------------------------------------------------------------------
+    @property
+    def exhausted(self) -> asyncio.Event:
+        return self.supervisor.exhausted
+
     async def start(self) -> None:
-        """Start every backend, last (the terminal fallback, quickest) first, then watch them."""
-        for route in reversed(self.routes):
-            try:
-                await route.backend.start()
-            except BackendStartError as exc:
-                log.error("%s did not start: %s", route.name, exc.reason)
-                route.breaker.failure(time.monotonic(), fatal=True)
-                route.failed_restarts = 1
-            route.supervisor = asyncio.create_task(self._supervise(route), name=f"supervise-{route.name}")
+        await self.supervisor.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        for route in self.routes:
-            if route.supervisor:
-                route.supervisor.cancel()
-        await asyncio.gather(*(r.backend.stop() for r in self.routes), return_exceptions=True)
-
-    async def _supervise(self, route: Route) -> None:
-        """Restart a failed backend with bounded exponential backoff; give it up after
-        ``max_restart_attempts`` failed restarts in a row."""
-        delay = self.settings.restart_backoff_s
-        while not self._stopping:
-            if route.backend.state is not BackendState.FAILED:
-                await asyncio.sleep(0.1)
-                continue
-            if route.failed_restarts >= self.settings.max_restart_attempts:
-                self._give_up(route)
-                return
-            log.warning("%s failed (%s); restarting in %.1f s", route.name, route.backend.health().last_error, delay)
-            await asyncio.sleep(delay)
-            try:
-                await route.backend.stop()
-                await route.backend.start()
-            except BackendStartError as exc:
-                route.failed_restarts += 1
-                log.error("%s restart failed (%d of %d): %s", route.name, route.failed_restarts,
-                          self.settings.max_restart_attempts, exc.reason)
-                delay = min(delay * 2, self.settings.restart_backoff_max_s)
-                continue
-            route.restarts += 1
-            route.failed_restarts = 0
-            route.breaker.success()
-            delay = self.settings.restart_backoff_s
-            log.info("%s is back (restart %d)", route.name, route.restarts)
-
-    def _give_up(self, route: Route) -> None:
-        route.gave_up = True
-        log.error("%s is given up after %d failed starts in a row: %s", route.name, route.failed_restarts,
-                  route.backend.health().last_error)
-        if all(r.gave_up for r in self.routes):
-            log.critical("no backend can serve: every engine of the chain failed and was given up")
-            self.exhausted.set()
+        await self.supervisor.stop()
 
     # --- choosing ------------------------------------------------------------------------
     def serving(self) -> list[Route]:
-        """Routes that could take a request now, in chain order."""
-        return [r for r in self.routes if r.backend.state in SERVING]
+        """Routes that could take a request now (serving, breaker not open), in chain order."""
+        return [r for r in self.routes if r.backend.state in SERVING and r.breaker.state != OPEN]
 
-    def _pick(self, exclude: set[str]) -> Route | None:
-        now = time.monotonic()
+    def _pick(self, tried: set[str]) -> tuple[Route | None, Permit | None]:
         for route in self.routes:
-            if route.name in exclude or route.backend.state not in SERVING:
+            if route.name in tried or route.backend.state not in SERVING:
                 continue
-            if route.breaker.allows(now):
-                return route
-        return None
+            permit = route.breaker.permit()
+            if permit is not None:
+                return route, permit
+        return None, None
 
-    def _switch(self, request_id: str, frm: str, to: str | None, reason: str, started: float) -> None:
-        self.counters.switches[(frm, to or "none", reason.split(":", 1)[0])] += 1
-        events.info(json.dumps({"event": "fallback", "ts": time.time(), "request_id": request_id, "from": frm,
-                                "to": to, "reason": reason, "latency_ms": round((time.monotonic() - started) * 1000, 2)}))
+    def _could_take_over(self, tried: set[str]) -> bool:
+        return any(r.name not in tried for r in self.serving())
+
+    def _switch(self, request_id: str, moved: _Moved, to: str | None) -> None:
+        self.counters.switches[(moved.backend, to or "none", moved.kind)] += 1
+        events.info(json.dumps({"event": "fallback", "ts": time.time(), "request_id": request_id,
+                                "from": moved.backend, "to": to, "reason": moved.reason,
+                                "latency_ms": round((time.monotonic() - moved.at) * 1000, 2)}))
+
+    def _nothing_left(self, moved: _Moved | None) -> ApiError:
+        if moved is None:
+            return NotReady(f"no backend can serve yet ({describe_states(self.routes)})")
+        if moved.refusal is not None:
+            return moved.refusal
+        return EngineFailed(f"every backend failed this request (last: {moved.backend}: {moved.reason})")
 
     # --- serving -------------------------------------------------------------------------
-    async def _admit(self, route: Route, request: GenerationRequest, exclude: set[str]):
-        """Reserve KV on ``route`` (or overflow to the next backend when allowed): (route, ticket,
-        the request as that backend prepared it)."""
-        try:
-            prepared = await route.backend.prepare(request)
-        except PromptTooLong as exc:
-            raise ContextTooLong(str(exc), param="messages" if request.messages else "prompt") from exc
-        prompt = prepared.prompt_tokens
-        cap = route.backend.capacity()
-        if prompt >= cap.max_context:
-            raise ContextTooLong(f"the prompt has {prompt} tokens; this model's context holds {cap.max_context}",
-                                 param="messages" if request.messages else "prompt")
-        tokens = min(prompt + request.max_tokens, cap.max_context)
-        try:
-            return route, await route.admission.acquire(tokens), prepared
-        except Overloaded:
-            if not self.admission_settings.overflow:
-                raise
-            nxt = self._pick(exclude | {route.name})
-            if nxt is None:
-                raise
-            return await self._admit(nxt, request, exclude | {route.name})
-
     async def stream(self, request: GenerationRequest, resume: bool = True) -> AsyncIterator[Served]:
         """Deltas for ``request``, failing over along the chain.
 
         ``resume``: on a mid-stream failure continue on the next backend after the text already
-        yielded (streams); when False the caller discards what it buffered and the next backend
-        starts over (non-streamed requests, via ``complete``).
+        yielded (streams); when False the next backend starts over and the caller discards what
+        it buffered (non-streamed requests, via ``complete``).
         """
-        tried: set[str] = set()
-        t0, first = time.monotonic(), True
-        produced, produced_tokens = "", 0
-        prev, switch_started, reason = None, 0.0, ""
+        answer = _Answer(request, resume)
+        moved: _Moved | None = None
         while True:
-            route = self._pick(tried)
-            if prev is not None:
-                self._switch(request.request_id, prev, route.name if route else None, reason, switch_started)
-            if route is None:
-                if prev is None:
-                    raise NotReady(f"no backend can serve yet ({describe_states(self.routes)})")
-                raise EngineFailed(f"every backend failed this request (last: {prev}: {reason})")
-            tried.add(route.name)
-            attempt = request if not produced else dataclasses.replace(
-                request, assistant_prefix=request.assistant_prefix + produced,
-                max_tokens=max(1, request.max_tokens - produced_tokens))
-            try:
-                route, ticket, prepared = await self._admit(route, attempt, tried)
-            except (BackendDied, BackendNotReady) as exc:  # it died between the pick and the admission
-                route.breaker.failure(time.monotonic(), fatal=True)
-                reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
-                prev, switch_started = route.name, time.monotonic()
-                continue
-            except BaseException:
-                route.breaker.probing = False  # the probe never reached the engine: let the next one try
-                raise
-            carried, done = produced_tokens, 0
-            gen = route.backend.generate(attempt, prepared)
-            try:
-                try:
-                    d = await asyncio.wait_for(gen.__anext__(), self.settings.first_token_timeout_s)
-                except asyncio.TimeoutError as exc:
-                    raise FirstTokenTimeout(f"no first token within {self.settings.first_token_timeout_s:g} s") from exc
-                except StopAsyncIteration:
-                    d = None
-                while d is not None:
-                    done = d.completion_tokens or done
-                    if first:
-                        first = False
-                        self.observer.first_token(route.name, time.monotonic() - t0)
-                    if d.finish_reason is not None:
-                        d = dataclasses.replace(d, completion_tokens=d.completion_tokens + carried)
-                        self.observer.finished(route.name, d.prompt_tokens, d.completion_tokens)
-                    elif resume and d.text:
-                        produced += d.text
-                        produced_tokens += 1  # engines stream about one token per delta
-                    yield Served(route.name, d)
-                    d = await anext(gen, None)
-                route.breaker.success()
+            if answer.text and answer.remaining() <= 0:  # the failed engine had already produced it all
+                yield Served(moved.backend if moved else "", Delta("", "length", answer.prompt_tokens or 0, answer.tokens))
                 return
-            except PromptTooLong as exc:
-                raise ContextTooLong(str(exc), param="messages" if request.messages else "prompt") from exc
-            except (BackendDied, BackendNotReady, FirstTokenTimeout, BackendError) as exc:
-                fatal = isinstance(exc, (BackendDied, BackendNotReady))
-                route.breaker.failure(time.monotonic(), fatal=fatal)
-                reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
-                log.warning("request %s: %s failed: %s", request.request_id, route.name, reason)
-                if produced and not self.settings.continue_streams:
-                    self._switch(request.request_id, route.name, None, reason, time.monotonic())
-                    raise StreamInterrupted(f"{route.name} failed mid-stream: {reason}") from exc
-                prev, switch_started = route.name, time.monotonic()
-                if not resume:
-                    produced, produced_tokens = "", 0
-            finally:
-                route.admission.release(ticket, done)  # first: the await below may be cancelled
-                await gen.aclose()  # aborts the engine request when the client went away
+            route, permit = self._pick(answer.tried)
+            if moved is not None:
+                self._switch(request.request_id, moved, route.name if route else None)
+            if route is None or permit is None:
+                raise self._nothing_left(moved)
+            answer.tried.add(route.name)
+            with permit:
+                try:
+                    async with contextlib.aclosing(self._attempt(route, permit, answer)) as attempt:
+                        async for served in attempt:
+                            yield served
+                    return
+                except _Moved as exc:
+                    moved = exc
+                    log.warning("request %s: %s could not serve it: %s", request.request_id, exc.backend, exc.reason)
+                    answer.attempt_failed()
+                    if answer.text and not self.settings.continue_streams:
+                        self._switch(request.request_id, moved, None)
+                        raise StreamInterrupted(f"{exc.backend} failed mid-stream: {exc.reason}") from exc
+
+    async def _attempt(self, route: Route, permit: Permit, answer: _Answer) -> AsyncIterator[Served]:
+        """One backend's try at the request; ``_Moved`` when another should take it."""
+        request = answer.next_request()
+        backend, admission = route.backend, route.admission
+        try:
+            if admission.full():
+                raise admission._overloaded(f"{route.name}: {admission.queue_depth} requests queued (the queue "
+                                            f"holds {admission.max_queue}); retry later", request.max_tokens)
+            self._refuse_by_size(route, request)
+            prepared = await backend.prepare(request)
+            cap = backend.capacity()
+            if prepared.prompt_tokens >= cap.max_context:
+                raise PromptTooLong(prepared.prompt_tokens, cap.max_context)
+            ticket = await admission.acquire(min(prepared.prompt_tokens + request.max_tokens, cap.max_context))
+        except Overloaded as exc:
+            if not self.admission_settings.overflow:
+                raise
+            raise _Moved(route.name, f"overflow: {exc}", refusal=exc) from exc
+        except BaseException as exc:
+            self._reraise(route, permit, exc, answer)
+        answer.begin(prepared.prompt_tokens)
+        gen = backend.generate(request, prepared)
+        try:
+            d = await self._first(gen, None if not self._could_take_over(answer.tried) else
+                                  self.settings.first_token_timeout_s)
+            while d is not None:
+                if not answer.first_seen and d.text:
+                    answer.first_seen = True
+                    self.observer.first_token(route.name, time.monotonic() - answer.started)
+                if d.finish_reason is not None:
+                    permit.success()
+                    yield answer.account(route.name, d)
+                    return
+                yield answer.account(route.name, d)
+                d = await anext(gen, None)
+            raise EngineFault(f"{route.name} ended the stream without a finish reason")
+        except BaseException as exc:
+            self._reraise(route, permit, exc, answer)
+        finally:
+            self.observer.finished(route.name, prepared.prompt_tokens, answer.attempt_tokens)
+            ticket.completion_tokens = answer.attempt_tokens
+            await ticket.hold_until(self._end(gen, backend, request.request_id))
+
+    @staticmethod
+    async def _end(gen: AsyncIterator[Delta], backend: Backend, request_id: str) -> None:
+        """Close the generation and wait until the engine has let go of it."""
+        await gen.aclose()
+        await backend.abort(request_id)
+
+    async def _first(self, gen: AsyncIterator[Delta], timeout: float | None) -> Delta | None:
+        """The first delta, within ``timeout`` when another backend could take over (on the last
+        one left, a slow first token is still an answer)."""
+        if timeout is None:
+            return await anext(gen, None)
+        try:
+            return await asyncio.wait_for(anext(gen, None), timeout)
+        except asyncio.TimeoutError as exc:
+            raise FirstTokenTimeout(f"no first token within {timeout:g} s") from exc
+
+    def _refuse_by_size(self, route: Route, request: GenerationRequest) -> None:
+        """A prompt that cannot fit by its size alone is refused without tokenizing it."""
+        cap = route.backend.capacity()
+        size = request_bytes(request)
+        if size > cap.max_context * cap.max_token_bytes:
+            raise PromptTooLong(math.ceil(size / cap.max_token_bytes), cap.max_context, at_least=True)
+
+    def _reraise(self, route: Route, permit: Permit, exc: BaseException, answer: _Answer) -> None:
+        new = self._translate(route, permit, exc, answer)
+        if new is exc:
+            raise exc
+        raise new from exc
+
+    def _translate(self, route: Route, permit: Permit, exc: BaseException, answer: _Answer) -> BaseException:
+        """What an exception from one attempt means for the request and for the backend."""
+        param = "messages" if answer.request.messages else "prompt"
+        if isinstance(exc, (_Moved, ApiError, asyncio.CancelledError, GeneratorExit)) or not isinstance(exc, Exception):
+            return exc  # already decided, or the client left: the permit is given back neutrally
+        if isinstance(exc, InvalidInput):
+            return InvalidRequest(str(exc), param=exc.param)
+        if isinstance(exc, PromptTooLong):
+            largest = max(r.backend.capacity().max_context for r in self.routes)
+            if exc.max_context >= largest:
+                return ContextTooLong(str(exc), param=param)
+            return _Moved(route.name, f"CannotHold: {exc}", refusal=CannotHold(
+                f"{exc}; a backend of this node with a longer context ({largest} tokens) is not serving "
+                f"now ({describe_states(self.routes)}); retry later"))
+        fatal = isinstance(exc, (BackendDied, BackendNotReady))
+        if not isinstance(exc, BackendError):  # a backend let a raw error through: still an engine fault
+            exc = EngineFault(f"{route.name}: {type(exc).__name__}: {exc}")
+        reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
+        permit.failure(fatal=fatal, reason=reason)
+        return _Moved(route.name, reason)
 
     async def complete(self, request: GenerationRequest) -> tuple[str, str, Delta]:
         """A whole answer: (backend, text, last delta). A backend that dies mid-way is replaced by
@@ -330,6 +359,20 @@ class Router:
         return backend, "".join(parts), last
 
 
+def request_bytes(request: GenerationRequest) -> int:
+    """UTF-8 bytes of the text a request feeds the engine (before its chat template)."""
+    text = (request.prompt or "") + request.assistant_prefix
+    size = len(text.encode())
+    for m in request.messages or ():
+        content = m.get("content")
+        size += len(content.encode()) if isinstance(content, str) else 0
+    return size
+
+
 def describe_states(routes: list[Route]) -> str:
-    """'vllm failed, llamacpp ready': for messages and health reasons."""
-    return ", ".join(f"{r.name} {r.backend.state.value}" for r in routes)
+    """'vllm failed, llamacpp ready (breaker open)': for messages and health reasons."""
+    parts = []
+    for r in routes:
+        breaker = r.breaker.state
+        parts.append(f"{r.name} {r.backend.state.value}" + ("" if breaker == "closed" else f" (breaker {breaker})"))
+    return ", ".join(parts)

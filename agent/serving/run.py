@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +43,20 @@ class Assembly:
 
 
 def check_bind(settings: Settings) -> None:
-    """A non-loopback bind needs an API key or an explicit --insecure."""
+    """A non-loopback bind needs an API key and a health token, or an explicit --insecure."""
     host = settings.server.host
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    if not loopback and not settings.server.api_key and not settings.server.insecure:
-        raise UsageError(f"refusing to listen on {host} without an API key: set server.api_key "
-                         "(NODE_AGENT_SERVER__API_KEY, at least 16 characters) or pass --insecure")
+    if loopback or settings.server.insecure:
+        return
+    missing = [what for what, value in (
+        ("an API key (server.api_key, NODE_AGENT_SERVER__API_KEY)", settings.server.api_key),
+        ("a health token (health.token, NODE_AGENT_HEALTH__TOKEN)", settings.health.token)) if value is None]
+    if missing:
+        raise UsageError(f"refusing to listen on {host} without {' and '.join(missing)}: set each (at least 16 "
+                         "characters, in the EnvironmentFile) or pass --insecure")
 
 
 def _gguf_for(spec: ModelSpec, settings: Settings) -> Path | None:
@@ -81,7 +87,9 @@ def assemble(settings: Settings, host: HostInfo) -> Assembly:
         else:
             node = plan(host, spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus)
             if node.fits:
-                backends.append(VllmBackend(node.primary, hf_dir, name, settings.engines.vllm_cpu_kvcache_gib))
+                physical = {g.index: g.nvml_index for g in host.gpus}
+                backends.append(VllmBackend(node.primary, hf_dir, name, settings.engines.vllm_cpu_kvcache_gib,
+                                            physical))
             else:
                 notes.append(f"vLLM skipped: {node.primary.refusal}")
     gguf = _gguf_for(spec, settings)
@@ -92,7 +100,7 @@ def assemble(settings: Settings, host: HostInfo) -> Assembly:
             lp = plan_llamacpp(host, read_gguf(gguf), settings.planner, Pins(),
                                role="fallback" if backends else "primary")
             if lp.fits:
-                backends.append(LlamaCppBackend(lp, gguf, name))
+                backends.append(LlamaCppBackend(lp, gguf, name, visible_gpus=len(host.gpus)))
             else:
                 notes.append(f"llama.cpp skipped: {lp.refusal}")
     if not backends:
@@ -124,6 +132,9 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
     from agent.serving.node import build_node
 
     check_bind(settings)
+    # CUDA numbers devices in PCI bus order, as NVML and the planner do, only with this set
+    # before CUDA initialises in this process (llama.cpp's CUDA build does so when it loads).
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     parts = assemble(settings, host)
     for note in parts.notes:
         log.warning("%s", note)

@@ -1,9 +1,21 @@
 """A scripted Backend for injecting faults into the router (the engines themselves are tested
-for real in tests/integration). It follows the Backend protocol and its state machine."""
+for real in tests/integration). It follows the Backend protocol and its state machine, and it
+behaves like the real engines where the router depends on it:
+
+- a word-level tokenizer with a chat-template overhead, so prompt counts are real counts of
+  what was rendered (the assistant prefix of a continuation included);
+- several tokens per delta when ``Script.pattern`` says so (as stop-string hold-back and UTF-8
+  sequences do), with cumulative ``completion_tokens`` on every delta and the prompt count on
+  every delta;
+- faults raised the way engines raise them: a raw ``RuntimeError`` or a jinja2
+  ``TemplateError`` from inside the "engine", translated by the same ``boundary`` the real
+  backends use; ``BackendDied`` with the state moved to failed; hangs; slow and failing starts.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from dataclasses import dataclass, field
 
 from agent.backends.base import (
@@ -16,20 +28,30 @@ from agent.backends.base import (
     Prepared,
     PromptTooLong,
     StateOwner,
+    boundary,
 )
+
+TEMPLATE_TOKENS = 2  # per chat message: the role and end-of-turn tokens a chat template adds
 
 
 @dataclass
 class Script:
-    """What the fake does: its words, and the fault to inject."""
+    """What the fake does: its words (one token each), how many it releases per delta, and faults."""
 
     words: list[str] = field(default_factory=lambda: ["a", "b", "c", "d", "e", "f"])
-    die_after: int | None = None  # raise BackendDied after this many deltas (and move to failed)
+    pattern: tuple[int, ...] = (1,)  # tokens per delta, cycled: (1, 3) releases 1, 3, 1, 3, ...
+    die_after: int | None = None  # BackendDied (state failed) after this many deltas
+    raw_error_after: int | None = None  # a raw RuntimeError from the "engine" after this many deltas
     stall: bool = False  # never produce a first token
+    hang_after: int | None = None  # produce this many deltas, then hang
     fail_starts: int = 0  # the next N start() calls fail
+    start_delay: float = 0.0
     context: int = 100
-    die_on_count: bool = False  # die while the router counts the prompt (before generate)
-    delay: float = 0.0
+    die_on_count: bool = False  # die while the router prepares the prompt (before generate)
+    template_error: bool = False  # the chat template raises (as jinja's raise_exception does)
+    delay: float = 0.0  # between deltas
+    slots: int = 4
+    kv: int = 1000
 
 
 class FakeBackend:
@@ -40,6 +62,8 @@ class FakeBackend:
         self.requests: list[GenerationRequest] = []
         self.prepared: list[GenerationRequest] = []  # prepare() calls: once per admitted attempt
         self.starts = 0
+        self.active: set[str] = set()  # request ids the "engine" works on now
+        self.aborted: list[str] = []
 
     @property
     def state(self) -> BackendState:
@@ -48,6 +72,8 @@ class FakeBackend:
     async def start(self) -> None:
         self._state.move(BackendState.STARTING)
         self.starts += 1
+        if self.script.start_delay:
+            await asyncio.sleep(self.script.start_delay)
         if self.script.fail_starts:
             self.script.fail_starts -= 1
             self._state.move(BackendState.FAILED, error="scripted start failure")
@@ -57,43 +83,86 @@ class FakeBackend:
     async def stop(self) -> None:
         self._state.move(BackendState.STOPPED)
 
-    async def prepare(self, request: GenerationRequest) -> Prepared:
-        n = await self.count_prompt_tokens(request)
-        self.prepared.append(request)
-        return Prepared(n, request)
+    def die(self) -> None:
+        """The engine is gone (like a SIGKILLed EngineCore noticed by its monitor)."""
+        if self._state.state in (BackendState.READY, BackendState.DEGRADED):
+            self._state.move(BackendState.FAILED, error="scripted death")
 
-    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+    def tokenize(self, request: GenerationRequest) -> list[str]:
+        with boundary(self.name, rendering=True):
+            if self.script.template_error and request.messages:
+                from jinja2.exceptions import TemplateError
+
+                raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+            if request.messages is None:
+                text = (request.prompt or "") + request.assistant_prefix
+                return text.split()
+            words = [w for m in request.messages for w in ["<role>", *m["content"].split(), "<end>"]]
+            return words + ["<role>"] + request.assistant_prefix.split()
+
+    async def prepare(self, request: GenerationRequest) -> Prepared:
         self._state.require_serving()
         if self.script.die_on_count:
             self._state.move(BackendState.FAILED, error="scripted death")
             raise BackendDied(f"{self.name} died")
-        text = request.prompt or " ".join(m["content"] for m in request.messages or ())
-        n = len(text.split())
-        if n >= self.script.context:
-            raise PromptTooLong(n, self.script.context)
-        return n
+        n = len(self.tokenize(request))
+        self.prepared.append(request)
+        return Prepared(n, request)
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return (await self.prepare(request)).prompt_tokens
 
     async def generate(self, request: GenerationRequest, prepared: Prepared | None = None):
         self._state.require_serving()
         if prepared is not None and prepared.data is not request:
             raise AssertionError("generate() got another request's preparation")
+        n_prompt = prepared.prompt_tokens if prepared else len(self.tokenize(request))
+        if n_prompt >= self.script.context:
+            raise PromptTooLong(n_prompt, self.script.context)
         self.requests.append(request)
-        if self.script.stall:
-            await asyncio.sleep(3600)
-        words = self.script.words[: request.max_tokens]
-        for i, word in enumerate(words):
-            if self.script.die_after is not None and i == self.script.die_after:
-                self._state.move(BackendState.FAILED, error="scripted death")
-                raise BackendDied(f"{self.name} died")
-            await asyncio.sleep(self.script.delay)
-            last = i == len(words) - 1
-            yield Delta(word, "length" if last else None, 3 if last else 0, len(words) if last else 0)
+        self.active.add(request.request_id)
+        s = self.script
+        finished = False
+        try:
+            if s.stall:
+                await asyncio.sleep(3600)
+            words = s.words[: max(0, min(request.max_tokens, s.context - n_prompt))]
+            sizes = itertools.cycle(s.pattern)
+            done, deltas = 0, 0
+            with boundary(self.name):
+                while done < len(words):
+                    if s.die_after is not None and deltas == s.die_after:
+                        self._state.move(BackendState.FAILED, error="scripted death")
+                        raise BackendDied(f"{self.name} died")
+                    if s.raw_error_after is not None and deltas == s.raw_error_after:
+                        raise RuntimeError("llama_decode returned -3")  # raw, as an engine raises it
+                    if s.hang_after is not None and deltas == s.hang_after:
+                        await asyncio.sleep(3600)
+                    if s.delay:
+                        await asyncio.sleep(s.delay)
+                    else:
+                        await asyncio.sleep(0)
+                    if self._state.state is BackendState.FAILED:
+                        raise BackendDied(f"{self.name} died")
+                    chunk = words[done:done + next(sizes)]
+                    done += len(chunk)
+                    deltas += 1
+                    finish = None
+                    if done == len(words):
+                        finish = "length" if done == request.max_tokens or done < len(s.words) else "stop"
+                        finished = True
+                    yield Delta("".join(chunk), finish, n_prompt, done)
+        finally:
+            self.active.discard(request.request_id)
+            if not finished:
+                self.aborted.append(request.request_id)
 
     async def abort(self, request_id: str) -> None:
-        return None
+        self.active.discard(request_id)
 
     def capacity(self) -> Capacity:
-        return Capacity(1000, 0, self.script.context, 4, 0)
+        return Capacity(self.script.kv, 0, self.script.context, self.script.slots, len(self.active),
+                        max_token_bytes=max([len(w.encode()) for w in self.script.words] + [8]))
 
     def health(self):
         return self._state.health()

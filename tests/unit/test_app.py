@@ -87,20 +87,25 @@ def test_ready_says_degraded_when_the_fallback_serves():
     assert body["reason"] == "serving from the fallback llamacpp; vllm is failed"
 
 
-@pytest.mark.parametrize("server, ok", [
-    ({"host": "127.0.0.1"}, True), ({"host": "::1"}, True), ({"host": "localhost"}, True),
-    ({"host": "0.0.0.0"}, False), ({"host": "0.0.0.0", "insecure": True}, True),
-    ({"host": "192.168.1.5", "api_key": "0123456789abcdef"}, True),
+@pytest.mark.parametrize("config, refusal", [
+    ({"server": {"host": "127.0.0.1"}}, None), ({"server": {"host": "::1"}}, None),
+    ({"server": {"host": "localhost"}}, None),
+    ({"server": {"host": "0.0.0.0"}}, "without an API key .* and a health token"),
+    ({"server": {"host": "0.0.0.0", "insecure": True}}, None),
+    ({"server": {"host": "192.168.1.5", "api_key": "0123456789abcdef"}}, "without a health token"),
+    ({"server": {"host": "192.168.1.5"}, "health": {"token": "0123456789abcdef"}}, "without an API key"),
+    ({"server": {"host": "192.168.1.5", "api_key": "0123456789abcdef"}, "health": {"token": "fedcba9876543210"}},
+     None),
 ])
-def test_non_loopback_bind_needs_a_key_or_insecure(server, ok):
+def test_non_loopback_bind_needs_a_key_and_a_health_token_or_insecure(config, refusal):
     from agent.errors import UsageError
     from agent.serving.run import check_bind
 
-    settings = Settings.model_validate({"server": server})
-    if ok:
+    settings = Settings.model_validate(config)
+    if refusal is None:
         check_bind(settings)
     else:
-        with pytest.raises(UsageError, match="without an API key"):
+        with pytest.raises(UsageError, match=refusal):
             check_bind(settings)
 
 
@@ -115,14 +120,12 @@ def test_an_empty_prompt_is_a_400_naming_the_prompt(prompt):
     assert err["param"] == "prompt" and "the prompt is empty" in err["message"]
 
 
-def test_an_unexpected_error_is_a_500_in_the_envelope():
+def test_a_raw_engine_error_fails_over_and_a_bug_elsewhere_is_a_500_in_the_envelope():
     class Broken(FakeBackend):
         async def prepare(self, request):
             raise AssertionError("a bug")
 
-    app, router = app_and_router({}, Broken("llamacpp"))
-
-    async def go():
+    async def go(app, router):
         await router.start()
         try:
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -131,7 +134,23 @@ def test_an_unexpected_error_is_a_500_in_the_envelope():
         finally:
             await router.stop()
 
-    r = asyncio.run(go())
+    # Whatever an engine raises is an engine fault: the chain's next backend answers.
+    app, router = app_and_router({}, Broken("vllm"), FakeBackend("llamacpp"))
+    r = asyncio.run(go(app, router))
+    assert r.status_code == 200 and r.headers["x-node-agent-backend"] == "llamacpp"
+    assert router.routes[0].breaker.failures == 1
+    # With nothing behind it, the client learns that the engine failed (502), in the envelope.
+    app, router = app_and_router({}, Broken("llamacpp"))
+    r = asyncio.run(go(app, router))
+    assert r.status_code == 502 and r.json()["error"]["code"] == "engine_failed"
+    assert "AssertionError: a bug" in r.json()["error"]["message"]
+    # A bug outside the engines is a 500, still in the envelope.
+    app, router = app_and_router({}, FakeBackend("llamacpp"))
+
+    async def bug(request):
+        raise AssertionError("a bug in the agent")
+    router.complete = bug
+    r = asyncio.run(go(app, router))
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error" and "AssertionError" in r.json()["error"]["message"]
 

@@ -64,13 +64,26 @@ def test_bad_config_exits_2_naming_field_and_file(tmp_path):
     assert result.exit_code == 2
 
 
-def test_config_prints_effective_settings_and_hides_the_key(tmp_path):
+def test_config_prints_effective_settings_and_never_a_secret(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("server:\n  api_key: 0123456789abcdef0123\n")
-    result = invoke("config", "--config", str(cfg), "--json", env={"NODE_AGENT_SERVER__PORT": "9100"})
-    assert result.exit_code == 0
+    cfg.write_text("server:\n  api_key: 0123456789abcdef0123\nhealth:\n  token: health-secret-4567890\n")
+    for fmt in ([], ["--json"]):
+        result = invoke("config", "--config", str(cfg), *fmt, env={"NODE_AGENT_SERVER__PORT": "9100"})
+        assert result.exit_code == 0
+        assert "0123456789abcdef0123" not in result.stdout and "health-secret-4567890" not in result.stdout
     data = json.loads(result.stdout)
-    assert data["server"]["port"] == 9100 and data["server"]["api_key"] == "***"
+    assert data["server"]["port"] == 9100
+    assert data["server"]["api_key"] == data["health"]["token"] == "**********"
+
+
+def test_a_rejected_secret_is_never_echoed(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("health:\n  token: tooshort-secret\n")
+    result = invoke("config", "--config", str(cfg), env={"NODE_AGENT_SERVER__API_KEY": "also-short"})
+    assert result.exit_code == 2
+    assert "health.token" in result.stderr and "server.api_key" in result.stderr
+    assert "tooshort-secret" not in result.stderr and "also-short" not in result.stderr
+    assert "at least 16 characters" in result.stderr
 
 
 def test_configuration_doc_matches_the_code():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 from agent.backends.base import ALLOWED, BackendState, StateOwner
@@ -30,6 +32,47 @@ def test_uneven_pipeline_and_no_p2p_reach_the_engine():
     assert args["quantization"] == "awq" and args["disable_custom_all_reduce"] is True
     assert args["gpu_memory_utilization"] == p.gpu_memory_utilization and args["max_model_len"] == p.max_model_len
     assert "enforce_eager" not in args  # GPUs: CUDA graphs stay on
+
+
+def test_visible_devices_reach_vllm_as_the_physical_gpus_behind_the_plan():
+    """CUDA_VISIBLE_DEVICES=2,3 on a 4-GPU box: the planner sees CUDA ordinals 0 and 1; vLLM's
+    processes must get the physical GPUs 2 and 3 (not the ordinals written back)."""
+    host = detect("a100-80gb-x4", env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert [g.index for g in host.gpus] == [0, 1] and [g.nvml_index for g in host.gpus] == [2, 3]
+    p = plan(host, resolve_model("llama-3.1-70b-instruct"), Settings.model_validate({})).primary
+    assert p.devices == (0, 1)
+    env = engine_environment(p, 1, {g.index: g.nvml_index for g in host.gpus})
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_engine_environment_is_set_only_while_vllm_spawns(monkeypatch):
+    from agent.backends.vllm import spawn_environment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.delenv("VLLM_PP_LAYER_PARTITION", raising=False)
+    with spawn_environment({"CUDA_VISIBLE_DEVICES": "3", "VLLM_PP_LAYER_PARTITION": "40,40"}):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3" and os.environ["VLLM_PP_LAYER_PARTITION"] == "40,40"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3" and "VLLM_PP_LAYER_PARTITION" not in os.environ
+
+
+def test_llamacpp_tensor_split_lists_every_visible_gpu():
+    """One share per visible device, 0 for those the plan leaves alone: without it llama.cpp
+    spreads layers over every GPU it sees."""
+    from agent.backends.llamacpp import llama_kwargs
+    from agent.planner.llamacpp import plan_llamacpp
+    from agent.planner.types import Pins
+
+    host = detect("rtx5090-rtx4090", env={})
+    lp = plan_llamacpp(host, resolve_model("llama-3.1-70b-instruct"), Settings.model_validate({}).planner, Pins(),
+                       role="primary")
+    assert len(lp.per_gpu) == 2, lp.reasons
+    kwargs = llama_kwargs(lp, visible_gpus=len(host.gpus))
+    assert len(kwargs["tensor_split"]) == len(host.gpus) == 2
+    used = {g.index for g in lp.per_gpu}
+    assert all((share > 0) == (i in used) for i, share in enumerate(kwargs["tensor_split"]))
+    single = dataclasses.replace(lp, per_gpu=lp.per_gpu[1:], tensor_split=None, main_gpu=lp.per_gpu[1].index)
+    assert llama_kwargs(single, visible_gpus=2)["tensor_split"] == [0.0, 1.0]
+    assert "tensor_split" not in llama_kwargs(lp, visible_gpus=1)  # one GPU: nothing to split
 
 
 def test_nvlink_tp_keeps_p2p():

@@ -9,7 +9,8 @@ import pytest
 
 from agent.backends.base import BackendState, GenerationRequest
 from agent.serving.errors import ContextTooLong, NotReady
-from agent.serving.router import Breaker, Router, StreamInterrupted
+from agent.serving.breaker import Breaker
+from agent.serving.router import CannotHold, Router, StreamInterrupted
 from agent.settings import AdmissionSettings, RouterSettings
 from tests.unit.fake_backend import FakeBackend, Script
 
@@ -101,19 +102,40 @@ def test_no_first_token_in_time_fails_over():
 
 
 def test_breaker_opens_on_failures_and_half_opens_after_the_cooldown():
-    b = Breaker(failures_to_open=2, cooldown_s=1.0)
-    assert b.allows(0)
-    b.failure(0, fatal=False)
-    assert b.state == "closed" and b.allows(0)
-    b.failure(0.1, fatal=False)
-    assert b.state == "open" and not b.allows(0.5)
-    assert b.allows(1.2) and b.state == "half_open"  # one probe...
-    assert not b.allows(1.2)  # ...at a time
-    b.failure(1.3, fatal=False)
+    now = [0.0]
+    b = Breaker(failures_to_open=2, cooldown_s=1.0, clock=lambda: now[0])
+    with b.permit() as p:
+        p.failure(fatal=False, reason="EngineFault")
+    assert b.state == "closed" and b.permit() is not None
+    with b.permit() as p:
+        p.failure(fatal=False, reason="EngineFault")
+    assert b.state == "open" and b.permit() is None
+    now[0] = 1.2
+    probe = b.permit()
+    assert probe is not None and probe.probe and b.state == "half_open"
+    assert b.permit() is None  # one probe at a time
+    probe.failure(fatal=False, reason="EngineFault")
     assert b.state == "open"
-    assert b.allows(2.4)
-    b.success()
+    now[0] = 2.4
+    with b.permit() as probe:
+        probe.success()
     assert b.state == "closed" and b.failures == 0
+
+
+def test_a_probe_given_back_unresolved_lets_the_next_request_probe():
+    now = [0.0]
+    b = Breaker(failures_to_open=1, cooldown_s=1.0, clock=lambda: now[0])
+    with b.permit() as p:
+        p.failure(fatal=True, reason="BackendDied")
+    now[0] = 1.5
+    with b.permit() as probe:  # the client leaves: no success(), no failure()
+        assert probe.probe
+    assert b.state == "half_open"
+    again = b.permit()
+    assert again is not None and again.probe
+    again.success()
+    again.failure(fatal=True, reason="ignored: resolved once")
+    assert b.state == "closed"
 
 
 def test_dead_backend_is_restarted_and_traffic_returns():
@@ -156,8 +178,8 @@ def test_nothing_serving_is_not_ready():
     asyncio.run(run())
 
 
-def test_prompt_longer_than_the_context_is_a_400_not_a_failover():
-    fallback = FakeBackend("llamacpp")
+def test_prompt_longer_than_every_context_of_the_chain_is_a_400_not_a_failover():
+    fallback = FakeBackend("llamacpp", Script(context=3))
 
     async def run():
         r = await started(router(FakeBackend("vllm", Script(context=3)), fallback))
@@ -165,7 +187,23 @@ def test_prompt_longer_than_the_context_is_a_400_not_a_failover():
             await r.complete(GenerationRequest("x", 4, prompt="one two three four five"))
         await r.stop()
     asyncio.run(run())
-    assert fallback.requests == []
+    assert fallback.requests == [] and fallback.prepared == []
+
+
+def test_a_valid_request_the_fallback_cannot_hold_is_a_503_not_a_client_error():
+    """vLLM holds 100 tokens, the llama.cpp fallback 10: with vLLM down, a 20-token prompt is
+    not the client's fault."""
+    async def run():
+        primary = FakeBackend("vllm", Script(context=100))
+        r = await started(router(primary, FakeBackend("llamacpp", Script(context=10))))
+        primary.die()
+        with pytest.raises(CannotHold) as info:
+            await r.complete(GenerationRequest("x", 4, prompt=" ".join(["w"] * 20)))
+        await r.stop()
+        return info.value
+    err = asyncio.run(run())
+    assert err.status == 503 and int(err.headers["Retry-After"]) > 0
+    assert "holds 10" in err.message and "100 tokens" in err.message
 
 
 def test_backend_dying_before_generation_fails_over_too():
@@ -179,18 +217,22 @@ def test_backend_dying_before_generation_fails_over_too():
 
 
 def test_a_probe_that_never_reaches_the_engine_does_not_wedge_the_breaker():
-    from agent.serving.errors import ContextTooLong as TooLong
-
     async def run():
         primary = FakeBackend("vllm", Script(context=3))
-        r = await started(router(primary, FakeBackend("llamacpp")))
-        r.routes[0].breaker.state = "half_open"
-        with pytest.raises(TooLong):
+        r = await started(router(primary, FakeBackend("llamacpp", Script(context=3)), breaker_failures=1,
+                                 breaker_cooldown_s=0.01))
+        r.routes[0].breaker.trip("test")
+        await asyncio.sleep(0.02)
+        assert r.routes[0].breaker.state == "half_open"
+        with pytest.raises(ContextTooLong):
             await r.complete(GenerationRequest("x", 4, prompt="one two three four five"))
-        probing = r.routes[0].breaker.probing
+        detail = r.routes[0].breaker.describe()
+        again, _, _ = await r.complete(req())  # the next request is the probe, and closes it
         await r.stop()
-        return probing
-    assert asyncio.run(run()) is False
+        return detail, again, r.routes[0].breaker.state
+    detail, again, state = asyncio.run(run())
+    assert detail["state"] == "half_open" and detail["probing"] is False
+    assert again == "vllm" and state == "closed"
 
 
 def test_each_attempt_is_tokenized_once_and_generate_gets_that_preparation():

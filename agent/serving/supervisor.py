@@ -1,0 +1,126 @@
+"""Keeps the backends running: starts them, restarts a failed one with bounded exponential
+backoff, gives one up after ``router.max_restart_attempts`` failed starts in a row, and says when
+every backend is given up (``exhausted``: ``serve`` then exits 3).
+
+Starts never overlap: one lock serializes them. On a small host two engines loading at once slow
+each other down, and the vLLM backend sets the environment its processes inherit only while it
+starts, which no other engine may observe half-way. A start is never cancelled half-way either
+(an engine built after its caller left would be orphaned): ``stop`` waits for it, then stops
+every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from agent.backends.base import Backend, BackendStartError, BackendState
+from agent.serving.admission import Admission
+from agent.serving.breaker import Breaker
+from agent.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+POLL_S = 0.1
+
+
+@dataclass
+class Route:
+    """A backend with its admission and breaker; the restart counters belong to the supervisor."""
+
+    backend: Backend
+    admission: Admission
+    breaker: Breaker
+    restarts: int = 0
+    failed_restarts: int = 0  # consecutive failed starts; reset by a successful one
+    gave_up: bool = False  # failed_restarts reached router.max_restart_attempts
+    watcher: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+
+class Supervisor:
+    """Owns every backend's lifecycle; the router only reads the states."""
+
+    def __init__(self, routes: list[Route], settings: RouterSettings) -> None:
+        self.routes = routes
+        self.settings = settings
+        self.exhausted = asyncio.Event()  # every backend given up: nothing will serve again
+        self._starting = asyncio.Lock()
+        self._starts: set[asyncio.Future] = set()
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Start every backend, last (the terminal fallback, quickest) first, then watch them."""
+        for route in reversed(self.routes):
+            if self._stopping:
+                return
+            if not await self._start(route):
+                route.failed_restarts = 1
+            route.watcher = asyncio.create_task(self._watch(route), name=f"supervise-{route.name}")
+
+    async def stop(self) -> None:
+        """Stop watching, let a start in progress finish, then stop every backend."""
+        self._stopping = True
+        for route in self.routes:
+            if route.watcher:
+                route.watcher.cancel()
+        if self._starts:
+            log.info("waiting for an engine that is starting, to stop it cleanly")
+            await asyncio.gather(*self._starts, return_exceptions=True)
+        await asyncio.gather(*(r.backend.stop() for r in self.routes), return_exceptions=True)
+
+    async def _start(self, route: Route, restart: bool = False) -> bool:
+        """One start (shielded: a caller that is cancelled does not cancel the engine's build)."""
+        task = asyncio.ensure_future(self._start_locked(route, restart))
+        self._starts.add(task)
+        task.add_done_callback(self._starts.discard)
+        return await asyncio.shield(task)
+
+    async def _start_locked(self, route: Route, restart: bool) -> bool:
+        async with self._starting:
+            if self._stopping:
+                return False
+            try:
+                if restart:
+                    await route.backend.stop()
+                await route.backend.start()
+            except BackendStartError as exc:
+                log.error("%s did not start: %s", route.name, exc.reason)
+                return False
+        route.breaker.reset()
+        return True
+
+    async def _watch(self, route: Route) -> None:
+        """Restart a failed backend with bounded exponential backoff; give it up after
+        ``max_restart_attempts`` failed starts in a row."""
+        delay = self.settings.restart_backoff_s
+        while not self._stopping:
+            if route.backend.state is not BackendState.FAILED:
+                await asyncio.sleep(POLL_S)
+                continue
+            if route.failed_restarts >= self.settings.max_restart_attempts:
+                self._give_up(route)
+                return
+            log.warning("%s failed (%s); restarting in %.1f s", route.name, route.backend.health().last_error, delay)
+            await asyncio.sleep(delay)
+            if not await self._start(route, restart=True):
+                route.failed_restarts += 1
+                log.error("%s restart failed (%d of %d)", route.name, route.failed_restarts,
+                          self.settings.max_restart_attempts)
+                delay = min(delay * 2, self.settings.restart_backoff_max_s)
+                continue
+            route.restarts += 1
+            route.failed_restarts = 0
+            delay = self.settings.restart_backoff_s
+            log.info("%s is back (restart %d)", route.name, route.restarts)
+
+    def _give_up(self, route: Route) -> None:
+        route.gave_up = True
+        log.error("%s is given up after %d failed starts in a row: %s", route.name, route.failed_restarts,
+                  route.backend.health().last_error)
+        if all(r.gave_up for r in self.routes):
+            log.critical("no backend can serve: every engine of the chain failed and was given up")
+            self.exhausted.set()
