@@ -227,6 +227,7 @@ class Router:
         """
         answer = _Answer(request, resume)
         moved: _Moved | None = None
+        refusal: ApiError | None = None  # the first refusal (e.g. a full queue) is what the client gets
         while True:
             if answer.text and answer.remaining() <= 0:  # the failed engine had already produced it all
                 yield Served(moved.backend if moved else "", Delta("", "length", answer.prompt_tokens or 0, answer.tokens))
@@ -235,7 +236,7 @@ class Router:
             if moved is not None:
                 self._switch(request.request_id, moved, route.name if route else None)
             if route is None or permit is None:
-                raise self._nothing_left(moved)
+                raise refusal or self._nothing_left(moved)
             answer.tried.add(route.name)
             with permit:
                 try:
@@ -244,7 +245,7 @@ class Router:
                             yield served
                     return
                 except _Moved as exc:
-                    moved = exc
+                    moved, refusal = exc, refusal or exc.refusal
                     log.warning("request %s: %s could not serve it: %s", request.request_id, exc.backend, exc.reason)
                     answer.attempt_failed()
                     if answer.text and not self.settings.continue_streams:
