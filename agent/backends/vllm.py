@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from agent.backends.base import (
     PromptTooLong,
     StateOwner,
 )
+from agent.backends.vllm_measured import read_measurements
 from agent.planner.types import VllmPlan
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ def engine_args(plan: VllmPlan, model_dir: Path) -> dict[str, Any]:
         args["disable_custom_all_reduce"] = True
     if not plan.devices:  # the CPU build: no CUDA graphs to capture
         args["enforce_eager"] = True
+    if not plan.chunked_prefill:
+        args["enable_chunked_prefill"] = False
     return args
 
 
@@ -79,8 +82,10 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, plan: VllmPlan, model_dir: Path, model_name: str, cpu_kvcache_gib: int = 1) -> None:
+    def __init__(self, plan: VllmPlan, model_dir: Path, model_name: str, cpu_kvcache_gib: int = 1,
+                 learn: Callable[[Any], None] | None = None) -> None:
         self.plan = plan
+        self.learn = learn  # gets what vLLM measured after each start (agent/backends/vllm_measured.py)
         self.model_dir = Path(model_dir)
         self.model_name = model_name
         self.cpu_kvcache_gib = cpu_kvcache_gib
@@ -122,6 +127,8 @@ class VllmBackend:
         self._kv_tokens = int(cfg.cache_config.num_gpu_blocks or 0) * int(cfg.cache_config.block_size)
         self._max_len = int(cfg.model_config.max_model_len)
         self._tokenizer = self._engine.get_tokenizer()
+        if self.learn is not None:
+            self.learn(await read_measurements(self._engine))
         self._monitor = asyncio.create_task(self._watch(), name="vllm-monitor")
         self._state.move(BackendState.READY)
         log.info("vLLM ready: %s, KV cache %d tokens, max_model_len %d", self.model_name, self._kv_tokens, self._max_len)
