@@ -50,13 +50,17 @@ class Profile:
         return self.activation_bytes + self.non_torch_bytes + (self.graph_bytes if self.graphs_in_budget else 0)
 
 
-def profiled_tokens(rules: VllmRules, max_num_batched_tokens: int, max_model_len: int, chunked_prefill: bool) -> int:
+def profiled_tokens(rules: VllmRules, max_num_batched_tokens: int, max_model_len: int,
+                    chunked_prefill: bool | None = None) -> int:
     """Tokens of the dummy forward: max_num_batched_tokens with chunked prefill (always on in V1
     unless turned off), else max(max_model_len, 2048) (SchedulerConfig.__post_init__). V0 turned
-    chunked prefill on by itself above 32k context with a 512-token budget."""
+    chunked prefill on by itself above 32k context with a 512-token budget. ``chunked_prefill``
+    None: the release's default."""
     if rules.v1:
-        return max_num_batched_tokens if chunked_prefill else max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
-    if chunked_prefill or max_model_len > 32768:
+        if chunked_prefill is False:
+            return max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
+        return max_num_batched_tokens
+    if chunked_prefill or (chunked_prefill is None and max_model_len > 32768):
         return max_num_batched_tokens or 512
     return max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
 
@@ -83,7 +87,7 @@ def non_torch_bytes(tp: int, pp: int) -> int:
 
 
 def profile(arch: ModelArch, rules: VllmRules, tp: int, pp: int, last_stage: bool, max_num_batched_tokens: int,
-            max_num_seqs: int, max_model_len: int, chunked_prefill: bool = True, eager: bool = False) -> Profile:
+            max_num_seqs: int, max_model_len: int, chunked_prefill: bool | None = None, eager: bool = False) -> Profile:
     """The profile of one rank. The sampler runs on the last stage only, over
     min(max_num_seqs, tokens) rows and the whole vocabulary (logits are gathered over TP)."""
     tokens = profiled_tokens(rules, max_num_batched_tokens, max_model_len, chunked_prefill)

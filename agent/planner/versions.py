@@ -80,7 +80,7 @@ def rules_for(version: str | tuple[int, ...], planning: bool = True) -> VllmRule
         graphs_in_kv_budget=mm >= (0, 20),
         big_gpu_tier=mm >= (0, 28),
         hybrid_kv_manager=mm >= (0, 10),
-        mxfp4_triton_on_hopper=mm >= (0, 11),
+        mxfp4_triton_on_hopper=False,  # public 0.10.1 and 0.11 logs on H100 show the Marlin backend
     )
     if planning and not rules.supported:
         raise PlanError(

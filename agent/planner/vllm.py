@@ -237,7 +237,7 @@ def _partition(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[
 
 
 def _profile(ctx: _Ctx, lay: Layout, last: bool, seqs: int, want: int) -> Profile:
-    chunked = ctx.pins.enable_chunked_prefill is not False
+    chunked = False if ctx.pins.enable_chunked_prefill is False else None
     return profile(ctx.model.arch, ctx.rules, lay.tp, lay.pp, last, ctx.batched_tokens, seqs, want, chunked)
 
 
