@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -54,12 +55,16 @@ async def read_measurements(engine: Any) -> EngineMeasurements | None:
         blocks = int(cfg.cache_config.num_gpu_blocks or 0)
         block_size = int(cfg.cache_config.block_size)
         max_len = int(cfg.model_config.max_model_len)
-        cpu_space = getattr(cfg.cache_config, "cpu_kvcache_space_bytes", None)
+        on_cpu = str(getattr(cfg.device_config, "device_type", "")) == "cpu"
     except (AttributeError, TypeError, ValueError) as exc:
         log.warning("cannot read vLLM's KV cache size after start-up: %s", exc)
         return None
+    # The CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE (GiB), which the backend set for
+    # the engine's processes; its workers keep no profile figures (asking logs errors).
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    cpu_space = int(float(space) * 1024**3) if on_cpu and space.replace(".", "", 1).isdigit() else None
     worker: dict[str, int | None] = {}
-    for name in _WORKER_TERMS:
+    for name in () if on_cpu else _WORKER_TERMS:
         worker[name] = await _worker_value(engine, name)
     return EngineMeasurements(blocks, block_size, max_len, int(cpu_space) if cpu_space else None, worker)
 
