@@ -68,6 +68,15 @@ class PlannerSettings(_Section):
         0, ge=0, le=262_144,
         description="VRAM the llama.cpp fallback may use on each GPU while vLLM runs (MiB); 0 keeps it on CPU.",
     )
+    vllm_version: str | None = Field(
+        None, pattern=r"^v?\d+\.\d+(\.\d+)?([.+-]?[0-9A-Za-z.]*)?$",
+        description="vLLM release whose memory rules the planner models (e.g. 0.11.0) for dry runs; unset: the "
+        "installed one, else the newest modelled. Releases older than 0.11 are refused.",
+    )
+    use_measured: bool = Field(
+        True, description="Plan vLLM with what earlier starts on this host measured (state_dir/measured.json) "
+        "when the model, layout, GPU, vLLM version and context match.",
+    )
 
     @model_validator(mode="after")
     def _context_order(self) -> PlannerSettings:
@@ -192,6 +201,11 @@ class Settings(BaseSettings):
     health: HealthSettings = Field(default_factory=HealthSettings, description="Health, node report and metrics.")
     profile: str | None = Field(
         None, description="Plan for a hardware profile (profiles/NAME.yaml) instead of this host."
+    )
+    state_dir: str | None = Field(
+        None, min_length=1, description="Where the agent keeps what it learns (measured engine starts). Unset: "
+        "$STATE_DIRECTORY (systemd's StateDirectory, /var/lib/node-agent for the service), else "
+        "$XDG_STATE_HOME/node-agent, else ~/.local/state/node-agent.",
     )
 
 

@@ -1,25 +1,34 @@
-"""Memory model vs real vLLM start-up logs (docs/calibration-data.yaml): prints the error table.
+"""Memory model vs real vLLM start-up logs (docs/calibration-data.yaml): the error table.
 
     .venv/bin/python -m bench.calibration
 
-Each check compares one logged figure with what agent.planner.memory predicts from the model's
-architecture and the logged settings. tests/unit/test_calibration.py holds the errors to bounds.
+Every entry is replayed with the rules of the vLLM release that wrote it (agent/planner/
+versions.py; a log without a version is a V0-era log, replayed as 0.6.4) and the settings it
+logged (vLLM's own defaults where it logged none). Each logged figure is compared with the
+prediction: weights per rank, activation peak, KV GiB, KV tokens, and the start verdict. The
+summary splits the errors by vLLM version; tests/unit/test_calibration.py holds them to bounds.
+No entry has a term of its own: every prediction uses the same rules.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from agent.catalog.types import ModelArch
-from agent.planner import memory as mem
+from agent.planner import kvcache, weights
+from agent.planner.profile import profile
+from agent.planner.versions import VllmRules, rules_for
 
 GIB = 1024**3
 DATA = Path(__file__).resolve().parents[1] / "docs" / "calibration-data.yaml"
+V0_REPLAY = "0.6.4"  # V0-era logs ("Memory profiling results", worker.py) carry no version
+_GPT_OSS_KINDS = lambda n: tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n))  # noqa: E731
 
-# Architecture numbers from each model's config.json (models not shipped as cards included).
+# Architecture numbers from each model's config.json.
 ARCHS = {
     "meta-llama/Llama-3.1-8B-Instruct": ModelArch("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128, 128256, 131072),
     "meta-llama/Meta-Llama-3-8B": ModelArch("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128, 128256, 8192),
@@ -28,6 +37,12 @@ ARCHS = {
     "Qwen/Qwen3-14B": ModelArch("Qwen3ForCausalLM", 5120, 17408, 40, 40, 8, 128, 151936, 40960),
     "meta-llama/Llama-2-7b-hf": ModelArch("LlamaForCausalLM", 4096, 11008, 32, 32, 32, 128, 32000, 4096),
     "meta-llama/Llama-2-70b-hf": ModelArch("LlamaForCausalLM", 8192, 28672, 80, 64, 8, 128, 32000, 4096),
+    "openai/gpt-oss-120b": ModelArch(
+        "GptOssForCausalLM", 2880, 2880, 36, 64, 8, 64, 201088, 131072, num_experts=128, num_experts_per_tok=4,
+        attention_bias=True, layer_types=_GPT_OSS_KINDS(36), sliding_window=128),
+    "openai/gpt-oss-20b": ModelArch(
+        "GptOssForCausalLM", 2880, 2880, 24, 64, 8, 64, 201088, 131072, num_experts=32, num_experts_per_tok=4,
+        attention_bias=True, layer_types=_GPT_OSS_KINDS(24), sliding_window=128),
 }
 
 
@@ -36,6 +51,7 @@ class Check:
     """One logged figure and its prediction."""
 
     entry: str
+    version: str  # the version group: "v0", "0.10", "0.11+"
     what: str
     logged: float
     predicted: float
@@ -43,76 +59,99 @@ class Check:
 
     @property
     def error(self) -> float:
-        """Relative error of the prediction (+ = over-estimate)."""
-        return (self.predicted - self.logged) / self.logged
+        """Relative error of the prediction (+ = over-estimate); verdicts: 0 right, 1 wrong."""
+        if self.what == "verdict":
+            return float(self.logged != self.predicted)
+        return (self.predicted - self.logged) / abs(self.logged) if self.logged else 0.0
 
 
-def _entries() -> dict[str, dict]:
-    return {e["id"]: e for e in yaml.safe_load(DATA.read_text())["vllm"]}
+def _entries() -> list[dict]:
+    return yaml.safe_load(DATA.read_text())["vllm"]
+
+
+def _group(rules: VllmRules) -> str:
+    if not rules.v1:
+        return "v0"
+    return "0.11+" if rules.supported else f"{rules.version[0]}.{rules.version[1]}"
+
+
+def _predict(e: dict, arch: ModelArch, rules: VllmRules) -> dict[str, float]:
+    """Every figure the model predicts for one logged start (GiB, tokens, verdict)."""
+    tp = e.get("tensor_parallel_size") or 1
+    q = {"mxfp4": "mxfp4", "fp8": "fp8", "awq": "awq", "gptq": "gptq"}.get(e.get("quantization") or "", "none")
+    cc = tuple(e.get("compute_capability") or (9, 0))
+    w = weights.vllm_rank_weights(arch, q, tp, arch.num_layers, True, True, None, cc, rules.mxfp4_triton_on_hopper)
+    out = {"weights": w / GIB}
+    total = (e.get("gpu_total_gib") or 0) * GIB
+    max_len = e.get("max_model_len") or arch.max_position_embeddings
+    mnbt, seqs = rules.batch_defaults(int(total), e.get("gpu") or "")
+    mnbt = e.get("max_num_batched_tokens") or mnbt
+    seqs = e.get("max_num_seqs") or seqs
+    prof = profile(arch, rules, tp, 1, True, mnbt, seqs, max_len, eager=bool(e.get("enforce_eager")))
+    out["activation"] = prof.activation_bytes / GIB
+    if total and e.get("gpu_memory_utilization"):
+        kv = int(total * e["gpu_memory_utilization"]) - w - prof.in_budget_bytes
+        out["kv_gib"] = kv / GIB
+        fit = kvcache.kv_fit(arch, arch.kinds(), tp, 2, kv, max_len, prof.batched_tokens, rules.hybrid_kv_manager)
+        out["kv_tokens"] = fit.tokens
+        out["verdict"] = 1.0 if fit.fits_max_len else 0.0
+    return out
 
 
 def checks() -> list[Check]:
     """Every comparison the data supports."""
-    e = _entries()
     out: list[Check] = []
-    a8 = ARCHS["meta-llama/Llama-3.1-8B-Instruct"]
-    # Weights per rank (bf16): parameters x 2 / TP.
-    for key, tp in (("v0-rtx3090-llama31-8b-len20k", 1), ("v0-h100-llama3-8b-tp1-pr10511", 1),
-                    ("v0-h100-llama3-8b-tp2-pr10511", 2)):
-        arch = ARCHS[e[key]["model"]]
-        pred = mem.vllm_rank_weights(arch, "none", tp, arch.num_layers, True, True) / GIB
-        out.append(Check(key, f"weights per rank (TP={tp})", e[key]["logged"]["weights_gib"], pred))
-    q14 = ARCHS["deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"]
-    key = "v0-2x4090-r1-distill-qwen14b-tp2"
-    out.append(Check(key, "weights per rank (TP=2)", e[key]["logged"]["weights_gib"],
-                     mem.vllm_rank_weights(q14, "none", 2, 48, True, True) / GIB))
-    # KV bytes per token: logged tokens x predicted bytes vs logged KV GiB.
-    key = "v0-rtx3090-llama31-8b-len29k"
-    out.append(Check(key, "KV GiB from logged tokens", e[key]["logged"]["kv_cache_gib"],
-                     e[key]["logged"]["kv_tokens"] * mem.kv_bytes_per_token(a8, 32, 1, 2) / GIB))
-    key = "v1-qwen3-14b-len32k-lmcache"
-    out.append(Check(key, "KV GiB from logged tokens", e[key]["logged"]["kv_cache_gib"],
-                     e[key]["logged"]["kv_tokens"] * mem.kv_bytes_per_token(ARCHS["Qwen/Qwen3-14B"], 40, 1, 2) / GIB))
-    key = "v0-2x4090-r1-distill-qwen14b-tp2"
-    out.append(Check(key, "KV GiB from logged tokens", e[key]["logged"]["kv_cache_gib"],
-                     e[key]["logged"]["kv_tokens"] * mem.kv_bytes_per_token(q14, 48, 2, 2) / GIB,
-                     "unexplained: maybe the smallest rank's figure; only one rank was quoted"))
-    # Activation peak: v0 without chunked prefill profiles max_model_len tokens, 256 sequences.
-    for key in ("v0-rtx3090-llama31-8b-len20k", "v0-rtx3090-llama31-8b-len29k"):
-        log = e[key]["logged"]
-        logged = log["peak_torch_incl_weights_gib"] - log["weights_gib"]
-        pred = mem.vllm_activation_bytes(a8, 1, e[key]["max_model_len"], 256) / GIB
-        out.append(Check(key, f"activation peak at {e[key]['max_model_len']} tokens", logged, pred))
-    key = "v0-h100-llama3-8b-tp1-pr10511"
-    out.append(Check(key, "activation peak at 8192 tokens", e[key]["logged"]["activation_peak_gib"],
-                     mem.vllm_activation_bytes(ARCHS[e[key]["model"]], 1, 8192, 256) / GIB))
-    # The whole KV budget: total x utilization - weights - activation - non-torch (v0: graphs outside).
-    for key, tokens in (("v0-rtx3090-llama31-8b-len20k", 20000), ("v0-rtx3090-llama31-8b-len29k", 29000),
-                        ("v0-h100-llama3-8b-tp1-pr10511", 8192)):
-        x = e[key]
-        arch = ARCHS[x["model"]]
-        pred = (x["gpu_total_gib"] * x["gpu_memory_utilization"]
-                - mem.vllm_rank_weights(arch, "none", 1, 32, True, True) / GIB
-                - mem.vllm_activation_bytes(arch, 1, tokens, 256) / GIB - mem.NON_TORCH_TP1_BYTES / GIB)
-        note = "this build logged 1.79 GiB non-torch (others: 0.03-0.35)" if "h100" in key else ""
-        out.append(Check(key, "KV cache GiB (whole budget)", x["logged"]["kv_cache_gib"], pred, note))
-    # Block counts from 2023 builds (A100-80GB: CUDA total 79.15 GiB), profile of 4096 tokens.
-    for key, tp in (("v0-a100-80gb-llama2-7b-pr2031", 1), ("v0-4xa100-80gb-llama2-70b-tp4-pr2031", 4)):
-        x = e[key]
-        arch = ARCHS[x["model"]]
-        kv = (79.15 * 0.9 * GIB - mem.vllm_rank_weights(arch, "none", tp, arch.num_layers, True, True)
-              - mem.vllm_activation_bytes(arch, tp, 4096, 256) - mem.non_torch_bytes(tp, 1))
-        blocks = kv / (mem.kv_bytes_per_token(arch, arch.num_layers, tp, 2) * mem.BLOCK_SIZE)
-        note = "2023 build: unexplained, its profile peak is not in the log" if tp == 4 else ""
-        out.append(Check(key, f"KV blocks (TP={tp})", x["logged"]["gpu_blocks"], blocks, note))
+    for e in _entries():
+        arch = ARCHS.get(e["model"] or "")
+        if arch is None or e.get("quantization") not in (None, "mxfp4", "fp8"):
+            continue
+        rules = rules_for(e.get("vllm_version") or V0_REPLAY, planning=False)
+        group, log, pred = _group(rules), e["logged"], _predict(e, arch, rules)
+        key, tp = e["id"], e.get("tensor_parallel_size") or 1
+        if log.get("weights_gib"):
+            out.append(Check(key, group, f"weights per rank (TP={tp})", log["weights_gib"], pred["weights"]))
+        activation = log.get("activation_peak_gib")
+        if activation is None and log.get("peak_torch_incl_weights_gib") and log.get("weights_gib"):
+            activation = log["peak_torch_incl_weights_gib"] - log["weights_gib"]
+        if activation:
+            out.append(Check(key, group, "activation peak", activation, pred["activation"]))
+        if "kv_gib" in pred and log.get("kv_cache_gib") is not None:
+            out.append(Check(key, group, "KV cache GiB", log["kv_cache_gib"], pred["kv_gib"]))
+        tokens = log.get("kv_tokens") or (log["gpu_blocks"] * kvcache.BLOCK_SIZE if log.get("gpu_blocks") else None)
+        if "kv_tokens" in pred and tokens:
+            out.append(Check(key, group, "KV tokens", tokens, pred["kv_tokens"]))
+        verdict = e.get("verdict") or ("failed" if log.get("kv_cache_gib") is not None and log["kv_cache_gib"] <= 0
+                                       else None)
+        if "verdict" in pred and verdict:
+            out.append(Check(key, group, "verdict", 1.0 if verdict == "started" else 0.0, pred["verdict"]))
+    return out
+
+
+def summary(rows: list[Check]) -> list[tuple[str, str, int, float, float]]:
+    """(version group, figure, entries, median |error|, p90 |error|); verdicts: share wrong."""
+    out = []
+    for group in sorted({c.version for c in rows}):
+        for what in ("weights", "activation", "KV cache GiB", "KV tokens", "verdict"):
+            errs = sorted(abs(c.error) for c in rows if c.version == group and c.what.startswith(what))
+            if errs:
+                p90 = errs[min(len(errs) - 1, int(round(0.9 * (len(errs) - 1))))]
+                out.append((group, what, len(errs), statistics.median(errs), p90))
     return out
 
 
 def main() -> None:
     rows = checks()
-    print(f"{'entry':44} {'figure':32} {'logged':>9} {'predicted':>10} {'error':>7}  note")
+    print(f"{'entry':46} {'vLLM':6} {'figure':26} {'logged':>9} {'predicted':>10} {'error':>8}")
     for c in rows:
-        print(f"{c.entry:44} {c.what:32} {c.logged:9.2f} {c.predicted:10.2f} {c.error:+7.1%}  {c.note}")
+        err = ("right" if not c.error else "WRONG") if c.what == "verdict" else f"{c.error:+.1%}"
+        print(f"{c.entry:46} {c.version:6} {c.what:26} {c.logged:9.2f} {c.predicted:10.2f} {err:>8}")
+    print()
+    print(f"{'vLLM':6} {'figure':14} {'n':>3} {'median |err|':>13} {'p90 |err|':>10}")
+    for group, what, n, med, p90 in summary(rows):
+        if what == "verdict":
+            print(f"{group:6} {what:14} {n:3} {'wrong: ' + str(round(med * n)) if n else '':>13}")
+        else:
+            print(f"{group:6} {what:14} {n:3} {med:13.1%} {p90:10.1%}")
 
 
 if __name__ == "__main__":

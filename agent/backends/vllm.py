@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from agent.backends.base import (
     boundary,
 )
 from agent.backends.threads import Workers
+from agent.backends.vllm_measured import read_measurements
 from agent.planner.types import VllmPlan
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ def engine_args(plan: VllmPlan, model_dir: Path) -> dict[str, Any]:
         args["disable_custom_all_reduce"] = True
     if not plan.devices:  # the CPU build: no CUDA graphs to capture
         args["enforce_eager"] = True
+    if not plan.chunked_prefill:
+        args["enable_chunked_prefill"] = False
     return args
 
 
@@ -110,8 +113,9 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, plan: VllmPlan, model_dir: Path, model_name: str, cpu_kvcache_gib: int = 1,
-                 physical_gpus: Mapping[int, int] | None = None) -> None:
+                 physical_gpus: Mapping[int, int] | None = None, learn: Callable[[Any], None] | None = None) -> None:
         self.plan = plan
+        self.learn = learn  # gets what vLLM measured after each start (agent/backends/vllm_measured.py)
         self.model_dir = Path(model_dir)
         self.model_name = model_name
         self.cpu_kvcache_gib = cpu_kvcache_gib
@@ -159,6 +163,8 @@ class VllmBackend:
         self._max_len = int(cfg.model_config.max_model_len)
         self._tokenizer = self._engine.get_tokenizer()
         self._max_token_bytes = await self._tok.run(_longest_token_bytes, self._tokenizer)
+        if self.learn is not None:
+            self.learn(await read_measurements(self._engine))
         self._monitor = asyncio.create_task(self._watch(), name="vllm-monitor")
         self._state.move(BackendState.READY)
         log.info("vLLM ready: %s, KV cache %d tokens, max_model_len %d", self.model_name, self._kv_tokens, self._max_len)

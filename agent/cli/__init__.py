@@ -43,6 +43,7 @@ def fail(exc: NodeAgentError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+QUANTIZATION_CHOICES = ("none", "fp8", "compressed-tensors", "mxfp4", "awq", "gptq")
 ProfileOpt = Annotated[Optional[str], typer.Option(
     "--profile", help="A shipped profile name (see profiles/) or a path to a profile YAML, instead of this host.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print stable JSON (docs/detect.md) instead of tables.")]
@@ -87,11 +88,12 @@ def plan(
     engine: Annotated[str, typer.Option(help="auto, vllm or llamacpp.")] = "auto",
     tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Pin the tensor parallel size.")] = None,
     pp: Annotated[Optional[int], typer.Option("--pp", min=1, help="Pin the pipeline parallel size.")] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="none, fp8, awq, gptq or gguf:<TYPE>.")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="none, fp8, compressed-tensors, mxfp4, awq, gptq or gguf:<TYPE>.")] = None,
     kv_cache_dtype: Annotated[Optional[str], typer.Option(help="auto or fp8.")] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(min=0.05, max=0.99, help="Pin vLLM's fraction.")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(min=128, help="Pin the context length.")] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option(min=1, help="Pin vLLM's concurrent sequences.")] = None,
+    vllm_version: Annotated[Optional[str], typer.Option("--vllm-version", help="Plan for this vLLM release (default: the installed one; planner.vllm_version).")] = None,
     as_json: JsonOpt = False,
     emit_config: Annotated[bool, typer.Option("--emit-config", help="Print a settings file (YAML) that serves this model as planned, the plan as comments.")] = False,
     config: ConfigOpt = None,
@@ -100,16 +102,22 @@ def plan(
 
     Exit 0 when it fits, 1 when it does not (the refusal says what would make it fit), 2 on bad input.
     """
+    from agent.backends.vllm_measured import installed_vllm_version
     from agent.catalog.resolve import resolve_model
     from agent.cli.plan_view import config_for_plan, render_plan
+    from agent.learned_store import LearnedStore, state_dir
     from agent.hardware import detect as detect_host
     from agent.planner import Pins
     from agent.planner import plan as make_plan
     from agent.planner.report import plan_to_dict
 
-    settings = load(config, {"profile": profile} if profile else None)
-    if quantization is not None and quantization not in ("none", "fp8", "awq", "gptq") and not quantization.startswith("gguf:"):
-        fail(UsageError(f"--quantization {quantization}: choose none, fp8, awq, gptq or gguf:<TYPE> (e.g. gguf:Q4_K_M)"))
+    overrides: dict = {"profile": profile} if profile else {}
+    if vllm_version:
+        overrides["planner"] = {"vllm_version": vllm_version}
+    settings = load(config, overrides or None)
+    if quantization is not None and quantization not in QUANTIZATION_CHOICES and not quantization.startswith("gguf:"):
+        fail(UsageError(f"--quantization {quantization}: choose {', '.join(QUANTIZATION_CHOICES)} or gguf:<TYPE> "
+                        f"(e.g. gguf:Q4_K_M)"))
     if kv_cache_dtype not in (None, "auto", "fp8"):
         fail(UsageError(f"--kv-cache-dtype {kv_cache_dtype}: choose auto or fp8"))
     pins = Pins(engine=engine, tp=tp, pp=pp, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
@@ -117,7 +125,9 @@ def plan(
     try:
         host = detect_host(settings.profile)
         spec = resolve_model(model or settings.model.ref)
-        result = make_plan(host, spec, settings, pins)
+        store = LearnedStore(state_dir(settings.state_dir))
+        measured = store.load() if settings.planner.use_measured and not settings.profile else {}
+        result = make_plan(host, spec, settings, pins, vllm_version=installed_vllm_version(), measured=measured)
     except NodeAgentError as exc:
         fail(exc)
     if emit_config:

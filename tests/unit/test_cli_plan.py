@@ -62,7 +62,7 @@ def test_tp_3_on_a_64_head_model_names_the_constraint():
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "llama-9b"], "unknown model"),
-    (["--quantization", "int3"], "choose none, fp8, awq"),
+    (["--quantization", "int3"], "choose none, fp8, compressed-tensors, mxfp4, awq"),
     (["--kv-cache-dtype", "fp4"], "choose auto or fp8"),
     (["--engine", "tgi"], "choose auto, vllm or llamacpp"),
 ])

@@ -160,7 +160,7 @@ def test_pinned_context_longer_than_the_kv_cache_is_refused(settings, llama8):
     # bf16 pinned: 131072 tokens x 128 KiB = 16 GiB of KV does not fit beside 15 GiB of weights.
     p = plan(detect("rtx4090", env={}), llama8, settings, Pins(engine="vllm", quantization="none", max_model_len=131072))
     assert not p.fits
-    assert "--max-model-len 131072 needs 131072 KV tokens" in p.primary.refusal
+    assert "--max-model-len 131072 needs 16.0 GiB of KV cache per GPU for one request" in p.primary.refusal
 
 
 def test_pinned_vllm_that_cannot_fit_says_what_would(settings, llama70):
