@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tests never read or write the developer's hub cache or token, and never reach the real hub:
+# huggingface_hub reads these when it is first imported, so they are set before any test module
+# loads. Tests that talk to the loopback hub (tests/support/hub.py) set their own in the
+# processes they start.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="node-agent-tests-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_ENDPOINT", None)
 
 from tests.support.models import TinyModel, make_smollm2_hf, make_tiny_llama, smollm2_gguf
 
