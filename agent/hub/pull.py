@@ -8,6 +8,7 @@ runs before the first weight byte moves. ``prepare`` does the metadata work and 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -143,6 +144,7 @@ def fetch_all(prep: Prepared, hub: Hub, store: Store, sink: Sink, verify_all: bo
             blob, _ = fetch(hub, repo, commit, f, src, sink, trust_existing=trusted)
             hub.link(repo, commit, f.path)
             done.append(PulledFile(f.path, f.size, src.etag, f.sha256, f.blob_id, stat_key(blob)))
+        _write_ref(hub, repo, item.listing.revision, commit)
         v = item.variant
         pull = Pull(ref=ref.text, engine=v.engine, format=v.format, quant=v.quant, repo=repo,
                     revision=item.listing.revision, commit=commit, file=v.file, files=tuple(done),
@@ -151,6 +153,19 @@ def fetch_all(prep: Prepared, hub: Hub, store: Store, sink: Sink, verify_all: bo
         pulls.append(pull)
         log.info("pulled %s: %s@%s (%d files)", ref.text, repo, commit[:12], len(done))
     return pulls
+
+
+def _write_ref(hub: Hub, repo: str, revision: str, commit: str) -> None:
+    """``refs/<revision>`` as huggingface_hub keeps it, so ``owner/name`` resolves offline too
+    (vLLM and transformers reading the cache by repo id)."""
+    if revision == commit:
+        return
+    ref = hub.repo_dir(repo) / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    if not ref.exists() or ref.read_text() != commit:
+        tmp = ref.with_name(f".{ref.name}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, ref)
 
 
 def _verified_files(store: Store, repo: str) -> dict[str, tuple[int, int, int]]:

@@ -16,7 +16,7 @@ import httpx2
 from huggingface_hub.utils import get_session, hf_raise_for_status
 
 from agent.catalog.cards import PYPI_PREFIX, load_card
-from agent.catalog.gguf_file import HeaderIncomplete, parse_header_prefix, spec_from_headers
+from agent.catalog.gguf_file import HeaderIncomplete, parse_header_prefix, read_gguf, spec_from_headers
 from agent.catalog.hf import load_hf_config
 from agent.catalog.types import ModelSpec, WeightSource
 from agent.errors import ModelError
@@ -24,8 +24,9 @@ from agent.hub.client import Hub, Listing, translated
 from agent.hub.errors import HubUnreachable, NoVariant, RepoNotFound
 from agent.hub.refs import HubRef
 from agent.hub.select import gguf_files, vllm_files
+from agent.hub.transfer import blob_path
 
-HEADER_FIRST_BYTES = 8 * 1024 * 1024
+HEADER_FIRST_BYTES = 4 * 1024 * 1024
 HEADER_MAX_BYTES = 256 * 1024 * 1024
 _QUANT_IN_NAME = re.compile(r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|MXFP4(?:_MOE)?)(?![A-Za-z0-9])",
                             re.IGNORECASE)
@@ -48,11 +49,11 @@ def describe(ref: HubRef, hub: Hub | None) -> RemoteModel:
         if ref.file:
             spec = _with_gguf_first(spec, ref)
         if hub is None:
-            return RemoteModel(ref, spec, {}, ("offline: sizes are the card's; nothing was fetched",))
+            return _card_alone(ref, spec, "offline: sizes are the card's; nothing was fetched")
         try:
             return _card_online(ref, spec, hub)
         except HubUnreachable as exc:
-            return RemoteModel(ref, spec, {}, (f"{exc}; planned from the card alone",))
+            return _card_alone(ref, spec, f"{exc}; planned from the card alone")
     if hub is None:
         raise ModelError(f"{ref.text}: no card describes it, so it cannot be planned offline; drop --offline "
                          "(only its config and file list are fetched)")
@@ -61,6 +62,15 @@ def describe(ref: HubRef, hub: Hub | None) -> RemoteModel:
         return RemoteModel(ref, _gguf_spec(hub, ref, listing), {listing.repo: listing},
                            (f"no card lists {ref.repo}: planned from the GGUF header (first bytes only)",))
     return _repo_spec(hub, ref, listing)
+
+
+def _card_alone(ref: HubRef, spec: ModelSpec, why: str) -> RemoteModel:
+    """The card as it is; a GGUF whose size it does not state cannot be planned, so it is left out."""
+    unsized = [s for s in spec.sources if s.format == "gguf" and not s.size_bytes]
+    notes = [why] + [f"{s.repo} {s.file}: the card states no size, so llama.cpp is planned without it "
+                     "(the hub listing has it)" for s in unsized]
+    return RemoteModel(ref, replace(spec, sources=tuple(s for s in spec.sources if s not in unsized)), {},
+                       tuple(notes))
 
 
 def _card_online(ref: HubRef, spec: ModelSpec, hub: Hub) -> RemoteModel:
@@ -112,10 +122,22 @@ def _repo_spec(hub: Hub, ref: HubRef, listing: Listing) -> RemoteModel:
 def _gguf_spec(hub: Hub, ref: HubRef, listing: Listing) -> ModelSpec:
     shards = gguf_files(listing, ref.file)  # type: ignore[arg-type]
     first = shards[0]
+    on_disk = hub.snapshot(listing.repo, listing.commit) / first.path
+    if all((on_disk.parent / Path(s.path).name).exists() for s in shards):  # pulled already: its header
+        spec = read_gguf(on_disk)
+        source = replace(spec.sources[0], repo=listing.repo, file=first.path)
+        return replace(spec, name=ref.label, sources=(source,), local_path=None, origin="hub")
     src = hub.source(listing.repo, listing.commit, first.path)
+    # A pull that was interrupted has the header on disk already.
+    partial = blob_path(hub, listing.repo, src.etag).with_name(f"{src.etag}.incomplete")
     want = HEADER_FIRST_BYTES
     while True:
-        prefix = _first_bytes(hub, listing.repo, src.url, src.same_host, min(want, first.size))
+        n = min(want, first.size)
+        if partial.exists() and partial.stat().st_size >= n:
+            with partial.open("rb") as f:
+                prefix = f.read(n)
+        else:
+            prefix = _first_bytes(hub, listing.repo, src.url, src.same_host, n)
         try:
             head = parse_header_prefix(first.path, prefix, first.size)
             break
