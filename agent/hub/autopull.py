@@ -91,7 +91,7 @@ def _future(local: LocalModel, prepared: Prepared, store: Store) -> LocalModel:
     for item in prepared.pull_plan.items:
         snapshot = hub.snapshot(item.listing.repo, item.listing.commit)
         if item.variant.engine == "vllm":
-            hub.small_file(item.listing.repo, item.listing.commit, "config.json")
+            hub.cached(item.listing.repo, item.listing.commit, "config.json")
             spec = replace(load_hf_config(snapshot), name=local.name)
             local = replace(local, vllm_spec=spec, hf_dir=snapshot)
         else:

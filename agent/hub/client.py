@@ -98,8 +98,10 @@ class Hub:
                                             s.lfs.sha256 if s.lfs else None, s.blob_id)
         return Listing(repo, revision or "main", info.sha, files, bool(info.gated))
 
-    def small_file(self, repo: str, commit: str, path: str) -> Path:
-        """A small metadata file (config.json, an index) through huggingface_hub into the cache."""
+    def cached(self, repo: str, commit: str, path: str) -> Path:
+        """``path`` at ``commit`` through ``hf_hub_download``, which owns the cache layout: a small
+        metadata file (config.json, an index) is fetched; a blob the transfer already put in place
+        only gets its snapshot pointer (a symlink, or a copy where symlinks are refused)."""
         with translated(repo, path):
             return Path(hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir))
 
@@ -112,12 +114,6 @@ class Hub:
             raise HubError(f"{endpoint()} sent no ETag or size for {repo}/{path}; is HF_ENDPOINT a hub or a mirror of one?")
         location = meta.location or url
         return FileSource(location, meta.etag, meta.size, httpx2.URL(location).host == httpx2.URL(url).host)
-
-    def link(self, repo: str, commit: str, path: str) -> Path:
-        """The snapshot entry for a blob already in place: huggingface_hub makes the pointer itself,
-        so the layout stays exactly its own (symlinks, or copies where symlinks are refused)."""
-        with translated(repo, path):
-            return Path(hf_hub_download(repo, path, revision=commit, cache_dir=self.cache_dir))
 
     def headers(self, same_host: bool) -> dict[str, str]:
         """Request headers as huggingface_hub builds them; the token only for the hub's own host."""

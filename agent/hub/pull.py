@@ -142,7 +142,7 @@ def fetch_all(prep: Prepared, hub: Hub, store: Store, sink: Sink, verify_all: bo
             blob = blob_path(hub, repo, src.etag)
             trusted = not verify_all and blob.exists() and known.get(src.etag) == stat_key(blob)
             blob, _ = fetch(hub, repo, commit, f, src, sink, trust_existing=trusted)
-            hub.link(repo, commit, f.path)
+            hub.cached(repo, commit, f.path)
             done.append(PulledFile(f.path, f.size, src.etag, f.sha256, f.blob_id, stat_key(blob)))
         _write_ref(hub, repo, item.listing.revision, commit)
         v = item.variant

@@ -109,7 +109,7 @@ def _repo_spec(hub: Hub, ref: HubRef, listing: Listing) -> RemoteModel:
         ggufs = sorted(p for p in listing.files if p.endswith(".gguf"))
         hint = f"; it holds GGUF files: pass {ref.repo}:{ggufs[0]}" if ggufs else ""
         raise ModelError(f"{ref.repo} has no config.json, so it cannot be planned{hint}")
-    config = hub.small_file(listing.repo, listing.commit, "config.json")
+    config = hub.cached(listing.repo, listing.commit, "config.json")
     base = load_hf_config(config)
     size = sum(f.size for f in vllm_files(listing, None))
     source = replace(base.sources[0], repo=listing.repo, size_bytes=size)
@@ -164,7 +164,7 @@ def index_of(hub: Hub, listing: Listing) -> dict | None:
 
     if SAFETENSORS_INDEX not in listing.files:
         return None
-    path = hub.small_file(listing.repo, listing.commit, SAFETENSORS_INDEX)
+    path = hub.cached(listing.repo, listing.commit, SAFETENSORS_INDEX)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -8,7 +8,7 @@ killed at 39 of 40 GB starts again at 0. Here the partial file keeps a stable na
 hashes what is there and asks only for the rest (HTTP Range). Every file is checked against the
 hub's checksum (LFS: sha256; other files: the git object id) before it is moved into place, so a
 file that does not match is never served. The snapshot pointer is then made by
-``hf_hub_download`` itself (see ``Hub.link``), so the cache layout stays exactly its own.
+``hf_hub_download`` itself (see ``Hub.cached``), so the cache layout stays exactly its own.
 """
 
 from __future__ import annotations
