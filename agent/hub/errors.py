@@ -13,7 +13,7 @@ GB = 1e9
 
 def gb(n: int | float) -> str:
     """Bytes as decimal gigabytes, the unit hub listings and disk tools show."""
-    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
 
 
 class HubError(NodeAgentError):
