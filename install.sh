@@ -16,7 +16,7 @@ SERVICE_USER=node-agent
 MIN_PY_MINOR=11
 
 MODE=system DRY_RUN=0 PROFILE="" USE_SYSTEMD=1 PREFIX="" UNINSTALL=0 PURGE=0 EXTRAS="" NATIVE=0
-MODEL="" PYTHON="" PRINT_UNIT=0 READY_TIMEOUT=900
+MODEL="" PYTHON="" PRINT_UNIT=0 READY_TIMEOUT=900 PULL=1
 
 usage() {
     cat <<'EOF'
@@ -28,6 +28,7 @@ Usage: install.sh [options]
   --native           build llama.cpp for this CPU only (-march=native; default: portable)
   --model REF        the model to serve: a card name, owner/name, owner/name:file.gguf (planned, then pulled
                      with progress), an HF model directory or a .gguf (default: embedded SmolLM2)
+  --no-pull          with --model: write the config but fetch nothing (the service then names the pull to run)
   --python PATH      the Python (>= 3.11) to build the virtualenv with
   --no-systemd       install no unit (containers, tests); prints how to start the agent instead
   --dry-run          preflight and the plan only: print what would be installed and the config; change nothing
@@ -57,6 +58,7 @@ while [ $# -gt 0 ]; do
         --native) NATIVE=1 ;;
         --model) MODEL=${2:?--model needs a reference}; shift ;;
         --python) PYTHON=${2:?--python needs a path}; shift ;;
+        --no-pull) PULL=0 ;;
         --no-systemd) USE_SYSTEMD=0 ;;
         --dry-run) DRY_RUN=1 ;;
         --profile) PROFILE=${2:?--profile needs a name}; shift ;;
@@ -396,7 +398,7 @@ fi
 # A model on the hub (a card name, owner/name, owner/name:file.gguf) is pulled now, into the cache
 # the unit serves from (HF_HOME in systemd/node-agent.service), as the service user.
 HF_HOME_DIR=$CACHE_DIR/huggingface
-if [ -n "$MODEL" ] && [ "$MODEL" != default ] && [ ! -e "$MODEL" ]; then
+if [ "$PULL" = 1 ] && [ -n "$MODEL" ] && [ "$MODEL" != default ] && [ ! -e "$MODEL" ]; then
     say "Model"
     info "pulling $MODEL: exactly what the plan for this host runs (an interrupted pull resumes on the next run)"
     pull=(env HF_HOME="$HF_HOME_DIR" "$VENV/bin/node-agent" pull "$MODEL" --config "$CONFIG")
