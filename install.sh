@@ -398,6 +398,7 @@ fi
 # A model on the hub (a card name, owner/name, owner/name:file.gguf) is pulled now, into the cache
 # the unit serves from (HF_HOME in systemd/node-agent.service), as the service user.
 HF_HOME_DIR=$CACHE_DIR/huggingface
+PULLED=0
 if [ "$PULL" = 1 ] && [ -n "$MODEL" ] && [ "$MODEL" != default ] && [ ! -e "$MODEL" ]; then
     say "Model"
     info "pulling $MODEL: exactly what the plan for this host runs (an interrupted pull resumes on the next run)"
@@ -408,6 +409,7 @@ if [ "$PULL" = 1 ] && [ -n "$MODEL" ] && [ "$MODEL" != default ] && [ ! -e "$MOD
     if ! "${pull[@]}"; then
         die "could not pull $MODEL (the reason is above); nothing is lost: run install.sh again to resume"
     fi
+    PULLED=1
     if [ "$MODE" = system ] && ! command -v runuser >/dev/null; then
         chown -R "$SERVICE_USER:$SERVICE_USER" "$HF_HOME_DIR"
     fi
@@ -463,7 +465,11 @@ fi
 say "Done"
 info "endpoint: http://127.0.0.1:$PORT/v1 (OpenAI-compatible); health: http://127.0.0.1:$PORT/health/ready"
 if [ "$USE_SYSTEMD" = 0 ]; then
-    info "start it with: HF_HOME=$HF_HOME_DIR $VENV/bin/node-agent serve --config $CONFIG"
+    if [ "$PULLED" = 1 ]; then
+        info "start it with: HF_HOME=$HF_HOME_DIR $VENV/bin/node-agent serve --config $CONFIG"
+    else
+        info "start it with: $VENV/bin/node-agent serve --config $CONFIG"
+    fi
 fi
 MODEL_NAME=$("$VENV/bin/node-agent" config --config "$CONFIG" --json | "$VENV/bin/python" -c '
 import json, sys
