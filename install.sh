@@ -16,7 +16,7 @@ SERVICE_USER=node-agent
 MIN_PY_MINOR=11
 
 MODE=system DRY_RUN=0 PROFILE="" USE_SYSTEMD=1 PREFIX="" UNINSTALL=0 PURGE=0 EXTRAS="" NATIVE=0
-MODEL="" PYTHON="" PRINT_UNIT=0 READY_TIMEOUT=900
+MODEL="" PYTHON="" PRINT_UNIT=0 READY_TIMEOUT=900 PULL=1
 
 usage() {
     cat <<'EOF'
@@ -26,7 +26,9 @@ Usage: install.sh [options]
   --prefix DIR       where the virtualenv goes (default /opt/node-agent; --user: ~/.local/share/node-agent)
   --extras LIST      pip extras to install, e.g. "llamacpp" or "vllm,llamacpp" (default: chosen from the host)
   --native           build llama.cpp for this CPU only (-march=native; default: portable)
-  --model REF        model.ref for the config: a card name, an HF model directory or a .gguf (default: embedded SmolLM2)
+  --model REF        the model to serve: a card name, owner/name, owner/name:file.gguf (planned, then pulled
+                     with progress), an HF model directory or a .gguf (default: embedded SmolLM2)
+  --no-pull          with --model: write the config but fetch nothing (the service then names the pull to run)
   --python PATH      the Python (>= 3.11) to build the virtualenv with
   --no-systemd       install no unit (containers, tests); prints how to start the agent instead
   --dry-run          preflight and the plan only: print what would be installed and the config; change nothing
@@ -56,6 +58,7 @@ while [ $# -gt 0 ]; do
         --native) NATIVE=1 ;;
         --model) MODEL=${2:?--model needs a reference}; shift ;;
         --python) PYTHON=${2:?--python needs a path}; shift ;;
+        --no-pull) PULL=0 ;;
         --no-systemd) USE_SYSTEMD=0 ;;
         --dry-run) DRY_RUN=1 ;;
         --profile) PROFILE=${2:?--profile needs a name}; shift ;;
@@ -383,11 +386,33 @@ if [ ! -f "$ENV_FILE" ]; then
 #NODE_AGENT_SERVER__API_KEY=
 # Required on /health/*, /v1/node and /metrics when set:
 #NODE_AGENT_HEALTH__TOKEN=
+# A hub token, for gated models (accept the license on the model's page first):
+#HF_TOKEN=
 EOF
     umask "$umask_was"
     if [ "$MODE" = system ]; then chgrp "$SERVICE_USER" "$ENV_FILE"; fi
     info "wrote $ENV_FILE (secrets go here)"
     CHANGED=1
+fi
+
+# A model on the hub (a card name, owner/name, owner/name:file.gguf) is pulled now, into the cache
+# the unit serves from (HF_HOME in systemd/node-agent.service), as the service user.
+HF_HOME_DIR=$CACHE_DIR/huggingface
+PULLED=0
+if [ "$PULL" = 1 ] && [ -n "$MODEL" ] && [ "$MODEL" != default ] && [ ! -e "$MODEL" ]; then
+    say "Model"
+    info "pulling $MODEL: exactly what the plan for this host runs (an interrupted pull resumes on the next run)"
+    pull=(env HF_HOME="$HF_HOME_DIR" "$VENV/bin/node-agent" pull "$MODEL" --config "$CONFIG")
+    if [ "$MODE" = system ] && command -v runuser >/dev/null; then
+        pull=(runuser -u "$SERVICE_USER" -- "${pull[@]}")
+    fi
+    if ! "${pull[@]}"; then
+        die "could not pull $MODEL (the reason is above); nothing is lost: run install.sh again to resume"
+    fi
+    PULLED=1
+    if [ "$MODE" = system ] && ! command -v runuser >/dev/null; then
+        chown -R "$SERVICE_USER:$SERVICE_USER" "$HF_HOME_DIR"
+    fi
 fi
 
 PORT=$("$VENV/bin/node-agent" config --config "$CONFIG" --json \
@@ -440,12 +465,17 @@ fi
 say "Done"
 info "endpoint: http://127.0.0.1:$PORT/v1 (OpenAI-compatible); health: http://127.0.0.1:$PORT/health/ready"
 if [ "$USE_SYSTEMD" = 0 ]; then
-    info "start it with: $VENV/bin/node-agent serve --config $CONFIG"
+    if [ "$PULLED" = 1 ]; then
+        info "start it with: HF_HOME=$HF_HOME_DIR $VENV/bin/node-agent serve --config $CONFIG"
+    else
+        info "start it with: $VENV/bin/node-agent serve --config $CONFIG"
+    fi
 fi
 MODEL_NAME=$("$VENV/bin/node-agent" config --config "$CONFIG" --json | "$VENV/bin/python" -c '
 import json, sys
 s = json.load(sys.stdin)
-print(s["server"]["model_name"] or ("smollm2-135m-instruct" if s["model"]["ref"] == "default" else "<model>"))')
+ref = s["model"]["ref"]
+print(s["server"]["model_name"] or ("smollm2-135m-instruct" if ref == "default" else ref.split(":")[-1].split("/")[-1].split("@")[0].removesuffix(".gguf").removesuffix(".yaml")))')
 info "first request:"
 info "  curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'content-type: application/json' \\"
 info "    -d '{\"model\": \"$MODEL_NAME\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'"

@@ -167,7 +167,8 @@ def test_an_existing_config_is_never_overwritten(user_install):
     mine = config.read_text() + "server:\n  port: 9090\n"
     config.write_text(mine)
     try:
-        r = run("--user", "--no-systemd", "--prefix", str(prefix), "--model", "llama-3.1-8b-instruct", env=env)
+        r = run("--user", "--no-systemd", "--prefix", str(prefix), "--model", "llama-3.1-8b-instruct", "--no-pull",
+                env=env)
         assert r.returncode == 0, r.stderr
         assert config.read_text() == mine
         new = config.with_name("config.yaml.new")
