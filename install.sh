@@ -101,16 +101,20 @@ UNIT=$UNIT_DIR/$UNIT_NAME
 
 # The unit as installed: the repository's unit with this install's paths. --user drops what only
 # a system service can have (User=, the sandboxing that needs privileges).
+# A path as the replacement of a sed s|...|...| command: its |, & and \ taken literally.
+sed_path() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
 render_unit() {
     local src=$SRC_DIR/systemd/$UNIT_NAME
     [ -f "$src" ] || die "$src is missing: run install.sh from a complete node-agent checkout"
+    local venv conf state cache
+    venv=$(sed_path "$VENV") conf=$(sed_path "$CONF_DIR") state=$(sed_path "$STATE_DIR") cache=$(sed_path "$CACHE_DIR")
     if [ "$MODE" = system ]; then
-        sed -e "s|/opt/node-agent/venv|$VENV|g" "$src"
+        sed -e "s|/opt/node-agent/venv|$venv|g" "$src"
     else
-        sed -e "s|/opt/node-agent/venv|$VENV|g" \
-            -e "s|/etc/node-agent|$CONF_DIR|g" \
-            -e "s|/var/lib/node-agent|$STATE_DIR|g" \
-            -e "s|/var/cache/node-agent|$CACHE_DIR|g" \
+        sed -e "s|/opt/node-agent/venv|$venv|g" \
+            -e "s|/etc/node-agent|$conf|g" \
+            -e "s|/var/lib/node-agent|$state|g" \
+            -e "s|/var/cache/node-agent|$cache|g" \
             -e '/^User=/d' -e '/^Group=/d' -e '/^StateDirectory=/d' -e '/^CacheDirectory=/d' \
             -e '/^ConfigurationDirectory=/d' -e '/^RuntimeDirectory=/d' -e '/^CapabilityBoundingSet=/d' \
             -e '/^AmbientCapabilities=/d' -e '/^ProtectSystem=/d' -e '/^ProtectHome=/d' -e '/^PrivateTmp=/d' \
@@ -225,6 +229,9 @@ RAM_GIB=$(awk '/^MemTotal:/ {printf "%d", $2 / 1048576}' /proc/meminfo)
 RAM_AVAIL_GIB=$(awk '/^MemAvailable:/ {printf "%d", $2 / 1048576}' /proc/meminfo)
 info "Disk: ${DISK_FREE_GIB} GiB free under $(existing_parent "$PREFIX")"
 info "RAM: ${RAM_GIB} GiB, ${RAM_AVAIL_GIB} GiB available"
+if [ "$USE_SYSTEMD" = 1 ] && [ "$DRY_RUN" = 0 ] && systemd_running && ! command -v curl >/dev/null; then
+    die "curl is missing: the installer polls the service's /health/ready with it (apt install curl), or use --no-systemd"
+fi
 command -v c++ >/dev/null || command -v g++ >/dev/null \
     || warn "no C++ compiler: building llama-cpp-python needs one unless pip has a wheel cached (apt install build-essential)"
 
@@ -415,8 +422,33 @@ if [ "$PULL" = 1 ] && [ -n "$MODEL" ] && [ "$MODEL" != default ] && [ ! -e "$MOD
     fi
 fi
 
-PORT=$("$VENV/bin/node-agent" config --config "$CONFIG" --json \
-    | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["server"]["port"])')
+# The port and the health token as the service will see them: the config file and the
+# NODE_AGENT_* variables of its EnvironmentFile (systemd's KEY=VALUE lines), the token never on a
+# command line.
+SERVICE_SETTINGS='
+import sys
+from pathlib import Path
+from agent.settings import load_settings
+env = {}
+path = Path(sys.argv[2])
+if path.is_file():
+    for line in path.read_text().splitlines():
+        key, eq, value = line.strip().partition("=")
+        if eq and key.startswith("NODE_AGENT_") and not key.startswith("#"):
+            env[key.strip()] = value.strip().strip("\x27\"")
+s = load_settings(Path(sys.argv[1]), env=env)
+print(s.server.port, s.health.token.get_secret_value() if s.health.token else "")
+'
+read -r PORT HEALTH_TOKEN < <("$VENV/bin/python" -c "$SERVICE_SETTINGS" "$CONFIG" "$ENV_FILE") \
+    || die "could not read the settings in $CONFIG and $ENV_FILE (node-agent config --config $CONFIG says why)"
+ready_body() {
+    if [ -n "$HEALTH_TOKEN" ]; then
+        printf 'header = "Authorization: Bearer %s"\n' "$HEALTH_TOKEN" \
+            | curl -fsS -K - "http://127.0.0.1:$PORT/health/ready" 2>/dev/null
+    else
+        curl -fsS "http://127.0.0.1:$PORT/health/ready" 2>/dev/null
+    fi
+}
 
 if [ "$USE_SYSTEMD" = 1 ]; then
     say "systemd"
@@ -446,7 +478,7 @@ if [ "$USE_SYSTEMD" = 1 ]; then
         if [ "$MODE" = user ]; then JOURNAL="journalctl --user -u node-agent"; fi
         say "Waiting for http://127.0.0.1:$PORT/health/ready (up to ${READY_TIMEOUT}s)"
         deadline=$((SECONDS + READY_TIMEOUT))
-        until body=$(curl -fsS "http://127.0.0.1:$PORT/health/ready" 2>/dev/null); do
+        until body=$(ready_body); do
             if [ "$SECONDS" -ge "$deadline" ]; then
                 die "not ready after ${READY_TIMEOUT}s: see $JOURNAL"
             fi

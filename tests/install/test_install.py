@@ -84,6 +84,15 @@ def test_user_unit_verifies(tmp_path):
     assert verify.returncode == 0, verify.stderr
 
 
+@pytest.mark.parametrize("mode", [[], ["--user"]])
+def test_a_prefix_with_sed_metacharacters_renders_a_correct_unit(tmp_path, mode):
+    prefix = tmp_path / "a|b&c\\d"
+    r = run(*mode, "--print-unit", "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    exec_start = next(line for line in r.stdout.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.startswith(f"ExecStart={prefix}/venv/bin/node-agent serve"), exec_start
+
+
 def test_dry_run_for_a_gpu_profile_prints_the_cuda_build_and_the_config():
     r = run("--dry-run", "--profile", "rtx5090-rtx4090", "--user")
     assert r.returncode == 0, r.stderr
