@@ -4,7 +4,8 @@ built once, cached across runs.
 The session never reads the developer's own configuration or caches: before anything is
 collected, HOME and the XDG directories point into a temporary directory (so a
 ~/.config/node-agent/config.yaml left by the README quick start changes nothing), the hub cache
-(HF_HOME) too, and NODE_AGENT_* variables of the calling shell are dropped. pip's wheel cache is
+(HF_HOME) too, and NODE_AGENT_* variables and systemd's STATE_DIRECTORY of the calling shell are
+dropped. pip's wheel cache is
 kept (PIP_CACHE_DIR): tests/install installs the package for real and must not rebuild
 llama-cpp-python.
 """
@@ -48,6 +49,7 @@ def pytest_configure(config) -> None:
         "XDG_STATE_HOME": os.path.join(home, ".local", "state"),
         "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
     })
+    os.environ.pop("STATE_DIRECTORY", None)  # systemd's, when the suite runs inside a unit: it wins over XDG
 
 
 def pytest_unconfigure(config) -> None:

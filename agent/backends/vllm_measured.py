@@ -59,10 +59,17 @@ async def read_measurements(engine: Any) -> EngineMeasurements | None:
     except (AttributeError, TypeError, ValueError) as exc:
         log.warning("cannot read vLLM's KV cache size after start-up: %s", exc)
         return None
-    # The CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE (GiB), which the backend set for
-    # the engine's processes; its workers keep no profile figures (asking logs errors).
-    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
-    cpu_space = int(float(space) * 1024**3) if on_cpu and space.replace(".", "", 1).isdigit() else None
+    # The CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE (GiB), which the backend set only
+    # while the engine spawned; vLLM's CPU platform copied it into the engine's cache config
+    # (platforms/cpu.py check_and_update_config: kv_cache_memory_bytes, cpu_kvcache_space_bytes
+    # up to 0.11). Its workers keep no profile figures (asking logs errors).
+    cpu_space = None
+    if on_cpu:
+        cache = cfg.cache_config
+        cpu_space = getattr(cache, "kv_cache_memory_bytes", None) or getattr(cache, "cpu_kvcache_space_bytes", None)
+        space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+        if not cpu_space and space.replace(".", "", 1).isdigit():
+            cpu_space = int(float(space) * 1024**3)
     worker: dict[str, int | None] = {}
     for name in () if on_cpu else _WORKER_TERMS:
         worker[name] = await _worker_value(engine, name)

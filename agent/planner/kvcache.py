@@ -60,15 +60,17 @@ class KvFit:
 
 
 def kv_fit(arch: ModelArch, kinds: tuple[str, ...], tp: int, dtype_bytes: float, budget: int,
-           max_len: int, batched_tokens: int, hybrid_manager: bool) -> KvFit:
+           max_len: int, batched_tokens: int, hybrid_manager: bool, tokens_by_concurrency: bool = True) -> KvFit:
     """Capacity of ``budget`` bytes on one rank holding layers of ``kinds``.
 
     vLLM groups layers by kind into groups of equal size g (the smallest kind's count), one pool
     of blocks, each block ``page x g`` bytes. A request of L tokens takes cdiv(L, bs) blocks per
     full-attention group, cdiv(min(window - 1 + batched tokens, L), bs) + 1 per sliding group
     (SlidingWindowSpec.max_memory_usage_bytes) and one per linear-attention group (its state; the
-    attention block size grows until its page holds a state). The logged capacity is
-    num_blocks / blocks per request x L (get_max_concurrency_for_kv_cache_config)."""
+    attention block size grows until its page holds a state). The logged capacity of a hybrid
+    model is num_blocks / blocks per request x L from 0.21 (get_kv_cache_capacity:
+    max_concurrency x max_model_len); before, num_blocks // groups x block size
+    (``tokens_by_concurrency`` False: vllm/v1/core/kv_cache_utils.py, 0.10-0.20)."""
     if not hybrid_manager:  # V0 / hybrid manager off: sliding layers charged like full ones
         kinds = tuple(FULL if k == SLIDING else k for k in kinds)
     counts = Counter(kinds)
@@ -91,6 +93,8 @@ def kv_fit(arch: ModelArch, kinds: tuple[str, ...], tp: int, dtype_bytes: float,
     blocks = max(0, budget // block_bytes) if block_bytes else 0
     if len(counts) == 1 and FULL in counts:
         tokens = blocks * bs
+    elif not tokens_by_concurrency:
+        tokens = blocks // sum(groups.values()) * bs
     else:
         tokens = blocks * max_len // blocks_per_request if blocks_per_request else 0
     needed = block_bytes * blocks_per_request

@@ -17,17 +17,29 @@ from agent.planner.versions import VllmRules
 GIB = 1024**3
 # vllm/config/scheduler.py DEFAULT_MAX_NUM_BATCHED_TOKENS: the floor when chunked prefill is off.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-# Live bytes per (dummy request x vocabulary entry) at the sampler's peak, the PyTorch top-k/top-p
-# path (vllm/v1/sample/sampler.py, ops/topk_topp_sampler.py apply_top_k_top_p): the 16-bit logits
-# compute_logits returns (2), their fp32 copy (4), the sorted values (4) and int64 indices (8) of
-# logits.sort(), and the sort's own scratch (an int64 index input and key/value buffers: 8 + 4 + 8).
-SAMPLER_BYTES_PER_LOGIT = 38
-# Memory outside PyTorch that grows during start-up (cuBLAS workspaces, NCCL and custom
-# all-reduce buffers): logs show 0.02-0.15 GiB at TP=1 and up to 0.35 GiB at TP=8.
-NON_TORCH_BASE_BYTES = int(0.10 * GIB)
-NON_TORCH_PER_EXTRA_RANK_BYTES = int(0.05 * GIB)
-NON_TORCH_MAX_BYTES = int(0.35 * GIB)
-# CUDA graphs of the default piecewise capture sizes: 0.17-0.68 GiB logged for dense models.
+# Live bytes per (dummy request x vocabulary entry) at the peak of the sampler warm-up, by the path
+# the release takes (VllmRules.sampler; vllm/v1/sample/sampler.py, ops/topk_topp_sampler.py):
+# - "sort" (apply_top_k_top_p_pytorch): the 16-bit logits compute_logits returns (2), their fp32
+#   copy (4), logits.sort()'s values (4) and int64 indices (8), and the sort's own scratch (an int64
+#   index input and key/value buffers: 8 + 4 + 8) = 38;
+# - "triton" (apply_top_k_top_p_triton, in place on the fp32 logits) and "flashinfer"
+#   (top_k_top_p_sampling_from_logits: masked logits, then softmax): 16-bit logits (2), fp32 copy
+#   (4), then two fp32 tensors (softmax probabilities and random_sample's exponential draw, or
+#   FlashInfer's masked logits and probabilities) = 14;
+# - "v2" (the V2 model runner, vllm/v1/worker/gpu/model_runner.py _dummy_sampler_run): "the sampler
+#   may skip top_k, top_p and logprobs" - apply_sampling_params returns the 16-bit logits as they
+#   are for dummy requests and gumbel_sample reads them in place = 2.
+SAMPLER_BYTES_PER_LOGIT = {"sort": 38, "triton": 14, "flashinfer": 14, "v2": 2}
+# The Triton kernel keeps one fp32 row of the vocabulary per program, min(rows, SMs) programs
+# (_TRITON_BUFFER_CACHE); GPUs have 80-170 SMs, the planner assumes 128.
+TRITON_PROGRAMS = 128
+# Memory outside PyTorch that grows during the profile run (cuBLAS workspaces; with TP > 1, NCCL's
+# buffers, which NCCL allocates on the first collective - inside the profile run). Measured on vLLM
+# 0.11 logs (docs/calibration-data.yaml, llm-d's H100 table): 0.13-0.14 GiB at TP=1, 0.54-0.55 GiB
+# per rank at TP=2. No supported-release log gives TP >= 4 alone; the TP=2 figure is used there.
+NON_TORCH_TP1_BYTES = int(0.13 * GIB)
+NON_TORCH_MULTI_RANK_BYTES = int(0.55 * GIB)
+# CUDA graphs of the default capture sizes: 0.23-0.50 GiB logged for dense models (0.17-0.84 in all).
 CUDA_GRAPH_BYTES = int(0.5 * GIB)
 
 
@@ -82,24 +94,33 @@ def forward_bytes_per_token(arch: ModelArch, tp: int) -> int:
 
 def non_torch_bytes(tp: int, pp: int) -> int:
     """Non-torch increase of one rank (see the constants)."""
-    ranks = tp * pp
-    return min(NON_TORCH_MAX_BYTES, NON_TORCH_BASE_BYTES + NON_TORCH_PER_EXTRA_RANK_BYTES * (ranks - 1))
+    return NON_TORCH_TP1_BYTES if tp * pp == 1 else NON_TORCH_MULTI_RANK_BYTES
+
+
+def sampler_bytes(sampler: str, rows: int, vocab: int) -> int:
+    """The sampler warm-up's peak over ``rows`` dummy requests (see SAMPLER_BYTES_PER_LOGIT)."""
+    buffer = min(rows, TRITON_PROGRAMS) * vocab * 4 if sampler == "triton" and rows >= 8 else 0
+    path = "sort" if sampler == "triton" and rows < 8 else sampler  # the kernel serves >= 8 rows
+    return rows * vocab * SAMPLER_BYTES_PER_LOGIT[path] + buffer
 
 
 def profile(arch: ModelArch, rules: VllmRules, tp: int, pp: int, last_stage: bool, max_num_batched_tokens: int,
-            max_num_seqs: int, max_model_len: int, chunked_prefill: bool | None = None, eager: bool = False) -> Profile:
+            max_num_seqs: int, max_model_len: int, chunked_prefill: bool | None = None, eager: bool = False,
+            sampler: str | None = None) -> Profile:
     """The profile of one rank. The sampler runs on the last stage only, over
-    min(max_num_seqs, tokens) rows and the whole vocabulary (logits are gathered over TP)."""
+    min(max_num_seqs, tokens) rows and the whole vocabulary (logits are gathered over TP).
+    ``sampler``: the warm-up's path (rules.sampler_for(...), "v2" on the V2 runner); None: the
+    release's default on a GPU of compute capability 8.0+."""
     tokens = profiled_tokens(rules, max_num_batched_tokens, max_model_len, chunked_prefill)
     forward = tokens * forward_bytes_per_token(arch, tp)
     requests = min(max_num_seqs, tokens)
     if not last_stage:
-        sampler = 0
+        warm_up = 0
     elif rules.v1:
-        sampler = requests * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT + tokens * arch.hidden_size * 2
+        warm_up = sampler_bytes(sampler or rules.sampler, requests, arch.vocab_size) + tokens * arch.hidden_size * 2
     else:  # V0 sampled in fp32 without the V1 warm-up of every dummy request
-        sampler = requests * arch.vocab_size * 6
+        warm_up = requests * arch.vocab_size * 6
     graphs = 0 if eager else CUDA_GRAPH_BYTES
-    return Profile(batched_tokens=tokens, dummy_requests=requests, forward_bytes=forward, sampler_bytes=sampler,
-                   activation_bytes=max(forward, sampler), non_torch_bytes=non_torch_bytes(tp, pp),
+    return Profile(batched_tokens=tokens, dummy_requests=requests, forward_bytes=forward, sampler_bytes=warm_up,
+                   activation_bytes=max(forward, warm_up), non_torch_bytes=non_torch_bytes(tp, pp),
                    graph_bytes=graphs, graphs_in_budget=rules.graphs_in_kv_budget)

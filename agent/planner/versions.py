@@ -8,6 +8,7 @@ but ``rules_for(..., planning=True)`` refuses them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -38,8 +39,22 @@ class VllmRules:
     # Sliding-window layers hold only their window (V1 hybrid KV-cache manager,
     # vllm/v1/core/kv_cache_utils.py); V0 charged every layer the full context.
     hybrid_kv_manager: bool
-    # mxfp4 MoE on Hopper: Triton kernels from 0.11 (get_mxfp4_backend), Marlin before.
+    # mxfp4 MoE on Hopper: the Triton kernels when triton_kernels imports (get_mxfp4_backend in
+    # vllm/model_executor/layers/quantization/mxfp4.py), else Marlin. 0.11 needs the package
+    # installed beside it; from 0.12 vLLM falls back to its vendored vllm.third_party.triton_kernels
+    # (vllm/utils/import_utils.py has_triton_kernels).
     mxfp4_triton_on_hopper: bool
+    # How the V1 runner's sampler warm-up (_dummy_sampler_run) applies top-k/top-p to its dummy
+    # requests (vllm/v1/sample/ops/topk_topp_sampler.py): "sort" = PyTorch sort (0.10-0.16; 0.10/0.11
+    # use FlashInfer only when it is installed, a pip extra in 0.11), "triton" = the in-place Triton
+    # kernel for >= 8 rows (0.17-0.20), "flashinfer" = FlashInfer's sampler, on by default from 0.21
+    # (VLLM_USE_FLASHINFER_SAMPLER defaults to True) on compute capability 8.0+.
+    sampler: str
+    # What "GPU KV cache size: N tokens" counts for a hybrid model: max concurrency x max_model_len
+    # from 0.21 (kv_cache_utils.get_kv_cache_capacity), num_blocks // groups x block size before.
+    kv_tokens_by_concurrency: bool
+    # gpu_memory_utilization when none is given (vllm/config/cache.py): 0.92 from 0.20, 0.9 before.
+    default_utilization: float
 
     @property
     def supported(self) -> bool:
@@ -62,6 +77,31 @@ class VllmRules:
         return (2048 if server else 8192), 256
 
 
+    def sampler_for(self, compute_capability: tuple[int, int]) -> str:
+        """The sampler path on a GPU: FlashInfer's needs SM 8.0+ (FlashInferBackend
+        .supports_compute_capability); below it the Triton kernel serves."""
+        if self.sampler == "flashinfer" and compute_capability < (8, 0):
+            return "triton"
+        return self.sampler
+
+    def v2_runner(self, architecture: str, quantized: bool, moe: bool) -> bool:
+        """Whether the release runs the model on its V2 model runner by default
+        (vllm/config/vllm.py use_v2_model_runner / DEFAULT_V2_MODEL_RUNNER_ARCHITECTURES): 0.22-0.23
+        unquantized dense Qwen3, 0.24 also Llama and Mistral, 0.25-0.28 a few MoE families only,
+        every model from 0.29."""
+        mm = self.version[:2]
+        if mm >= (0, 29):
+            return True
+        if mm >= (0, 25):
+            return architecture in ("DeepseekV2ForCausalLM", "Qwen2MoeForCausalLM", "GraniteMoeForCausalLM")
+        if mm >= (0, 24):
+            return architecture in ("Qwen3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen2MoeForCausalLM",
+                                    "GraniteMoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+        if mm >= (0, 22):
+            return architecture == "Qwen3ForCausalLM" and not quantized and not moe
+        return False
+
+
 def parse_version(text: str) -> tuple[int, ...]:
     """(major, minor, patch) from "0.11.0", "0.32.0+cpu", "0.10.1.1", "v0.21.0rc1"."""
     m = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", text.strip())
@@ -70,8 +110,12 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in m.groups(default="0"))
 
 
-def rules_for(version: str | tuple[int, ...], planning: bool = True) -> VllmRules:
-    """The rules of a release. ``planning``: refuse releases the agent does not support."""
+def rules_for(version: str | tuple[int, ...], planning: bool = True, flashinfer_sampler: bool = False,
+              triton_kernels: bool = False) -> VllmRules:
+    """The rules of a release. ``planning``: refuse releases the agent does not support.
+    ``flashinfer_sampler``: FlashInfer is installed beside a 0.10/0.11 release, whose V1 sampler then
+    uses it (the log says "Using FlashInfer for top-p & top-k sampling."). ``triton_kernels``: the
+    triton_kernels package is installed beside a 0.11 release (mxfp4 on Hopper then uses Triton)."""
     v = parse_version(version) if isinstance(version, str) else tuple(version)
     mm = v[:2]
     rules = VllmRules(
@@ -80,8 +124,13 @@ def rules_for(version: str | tuple[int, ...], planning: bool = True) -> VllmRule
         graphs_in_kv_budget=mm >= (0, 20),
         big_gpu_tier=mm >= (0, 28),
         hybrid_kv_manager=mm >= (0, 10),
-        mxfp4_triton_on_hopper=False,  # public 0.10.1 and 0.11 logs on H100 show the Marlin backend
+        mxfp4_triton_on_hopper=mm >= (0, 12) or (mm >= (0, 11) and triton_kernels),
+        sampler="sort" if mm < (0, 17) else "triton" if mm < (0, 21) else "flashinfer",
+        kv_tokens_by_concurrency=mm >= (0, 21),
+        default_utilization=0.92 if mm >= (0, 20) else 0.9,
     )
+    if flashinfer_sampler and mm < (0, 12):
+        rules = dataclasses.replace(rules, sampler="flashinfer")
     if planning and not rules.supported:
         raise PlanError(
             f"vLLM {rules.label} is older than {'.'.join(map(str, MIN_SUPPORTED))}, the oldest release the planner "

@@ -21,6 +21,7 @@ from agent.planner.learned import Measured, MeasuredKey, model_fingerprint
 from agent.planner.profile import CUDA_GRAPH_BYTES, Profile, profile
 from agent.planner.types import GpuBudget, Pins, VllmPlan
 from agent.planner.versions import VllmRules
+from agent.planner.vllm_layouts import FP8_MIN_CC, Layout, check_pins, layouts, quantizations, source_for
 from agent.planner.vllm_reasons import label, reasons
 from agent.settings import PlannerSettings
 
@@ -30,92 +31,6 @@ MAX_UTILIZATION = 0.98
 TYPICAL_SEQUENCE_TOKENS = 1024
 # Layouts within this share of the best KV capacity count as equally good.
 NEAR_BEST = 0.90
-FP8_MIN_CC = (8, 9)  # W8A8 fp8 and fp8 KV cache: Ada Lovelace and Hopper and newer
-
-
-@dataclass(frozen=True)
-class Layout:
-    """TP x PP over a set of devices, with the decoder layers each pipeline stage holds."""
-
-    tp: int
-    pp: int
-    devices: tuple[int, ...]  # positions in the budget list, rank order (stage-major)
-
-
-# Checkpoint formats vLLM loads as they are, with the name its ``quantization`` argument takes.
-PREQUANTIZED = {"fp8": "fp8", "compressed-tensors": "compressed-tensors", "mxfp4": "mxfp4", "awq": "awq",
-                "gptq": "gptq"}
-
-
-def quantizations(model: ModelSpec, min_cc: tuple[int, int]) -> tuple[list[str], list[str]]:
-    """Quantizations this model can run with on these GPUs, best quality first, and why others not."""
-    why_not: list[str] = []
-    prequantized = [PREQUANTIZED[s.format] for s in model.sources if s.format in PREQUANTIZED]
-    has_full = model.source("hf") is not None or (model.origin == "card" and not model.sources)
-    out: list[str] = []
-    if has_full:
-        out.append("none")
-        if min_cc >= FP8_MIN_CC:
-            out.append("fp8")
-        else:
-            why_not.append(f"fp8 skipped: compute capability {min_cc[0]}.{min_cc[1]} < 8.9 runs it weight-only "
-                           f"(pin --quantization fp8 to plan it anyway)")
-    for q in weights.VLLM_QUANTIZATIONS:
-        if q in prequantized and q not in out:
-            out.append(q)
-    if not any(q in out for q in ("awq", "gptq", "compressed-tensors", "mxfp4")) and "fp8" not in prequantized:
-        why_not.append(f"AWQ not offered: no AWQ checkpoint is known for {model.name} (add one to its card)")
-    return out, why_not
-
-
-def source_for(model: ModelSpec, quantization: str) -> WeightSource | None:
-    """The checkpoint a quantization loads (None: the full-precision weights, quantized on load)."""
-    return next((s for s in model.sources if PREQUANTIZED.get(s.format) == quantization), None)
-
-
-def layouts(model: ModelSpec, gpus: Sequence[GpuBudget], pins: Pins) -> list[Layout]:
-    """Every TP x PP that vLLM accepts for this model on up to all GPUs."""
-    arch = model.arch
-    out = []
-    by_room = sorted(range(len(gpus)), key=lambda i: (-gpus[i].usable_bytes, gpus[i].index))
-    for n in range(1, len(gpus) + 1):
-        devices = tuple(sorted(by_room[:n], key=lambda i: gpus[i].index))
-        for tp in range(1, n + 1):
-            if n % tp:
-                continue
-            pp = n // tp
-            if pins.tp is not None and tp != pins.tp or pins.pp is not None and pp != pins.pp:
-                continue
-            if tp_problem(arch.num_attention_heads, arch.num_kv_heads, tp) or pp > arch.num_layers:
-                continue
-            out.append(Layout(tp, pp, devices))
-    return out
-
-
-def tp_problem(heads: int, kv_heads: int, tp: int) -> str | None:
-    """Why vLLM would reject this tensor parallel size, or None."""
-    if heads % tp:
-        return f"tensor parallel size {tp} must divide the {heads} attention heads"
-    if kv_heads % tp and tp % kv_heads:
-        return f"tensor parallel size {tp} and the {kv_heads} KV heads must divide one another"
-    return None
-
-
-def check_pins(model: ModelSpec, host: HostInfo, pins: Pins) -> None:
-    """Reject pins that break hard constraints, naming the constraint."""
-    arch = model.arch
-    if pins.tp is not None:
-        problem = tp_problem(arch.num_attention_heads, arch.num_kv_heads, pins.tp)
-        if problem:
-            divisors = [d for d in range(1, arch.num_attention_heads + 1)
-                        if not tp_problem(arch.num_attention_heads, arch.num_kv_heads, d)]
-            raise PlanError(f"--tp {pins.tp}: {problem}; valid sizes for {model.name}: "
-                            f"{', '.join(map(str, divisors[:8]))}")
-    n = (pins.tp or 1) * (pins.pp or 1)
-    if n > len(host.gpus):
-        raise PlanError(f"--tp {pins.tp or 1} x --pp {pins.pp or 1} needs {n} GPUs; this host has {len(host.gpus)}")
-    if pins.pp is not None and pins.pp > arch.num_layers:
-        raise PlanError(f"--pp {pins.pp} exceeds the model's {arch.num_layers} layers")
 
 
 @dataclass(frozen=True)
@@ -212,7 +127,7 @@ def _partition(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[
     for stage in range(lay.pp):
         first, last = stage == 0, stage == lay.pp - 1
         fixed = (_rank_weights(ctx, q, lay.tp, 0, first, last, source) + weights.rope_cache_bytes(arch)
-                 + _profile(ctx, lay, last, seqs, want).in_budget_bytes)
+                 + _profile(ctx, lay, last, seqs, want, q).in_budget_bytes)
         stage_room.append(min(requested[stage * lay.tp + r] for r in range(lay.tp)) - fixed)
     w, k = _layer_costs(ctx, q, kv_bytes, lay.tp, source)
 
@@ -236,9 +151,18 @@ def _partition(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[
     return tuple(split) if min(split) > 0 else None
 
 
-def _profile(ctx: _Ctx, lay: Layout, last: bool, seqs: int, want: int) -> Profile:
+def sampler_path(ctx: _Ctx, q: str) -> str:
+    """How this release's profile warms the sampler up for this model (profile.SAMPLER_BYTES_PER_LOGIT)."""
+    arch = ctx.model.arch
+    if ctx.rules.v2_runner(arch.architecture, q != "none", bool(arch.num_experts)):
+        return "v2"
+    return ctx.rules.sampler_for(ctx.min_cc)
+
+
+def _profile(ctx: _Ctx, lay: Layout, last: bool, seqs: int, want: int, q: str) -> Profile:
     chunked = False if ctx.pins.enable_chunked_prefill is False else None
-    return profile(ctx.model.arch, ctx.rules, lay.tp, lay.pp, last, ctx.batched_tokens, seqs, want, chunked)
+    return profile(ctx.model.arch, ctx.rules, lay.tp, lay.pp, last, ctx.batched_tokens, seqs, want, chunked,
+                   sampler=sampler_path(ctx, q))
 
 
 def _size(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[int], seqs: int, want: int,
@@ -254,7 +178,7 @@ def _size(ctx: _Ctx, q: str, kv_bytes: float, lay: Layout, requested: list[int],
         stage = rank // lay.tp
         first, last = stage == 0, stage == lay.pp - 1
         w = _rank_weights(ctx, q, lay.tp, split[stage], first, last, source)
-        prof = _profile(ctx, lay, last, seqs, want)
+        prof = _profile(ctx, lay, last, seqs, want, q)
         if measured is not None:  # what vLLM measured on this host for this very key
             kv = requested[rank] - measured.non_kv_bytes
             w = measured.weights_bytes if measured.weights_bytes is not None else w
@@ -322,7 +246,8 @@ def evaluate(ctx: _Ctx, q: str, kv_dtype: str, lay: Layout) -> VllmPlan:
     split, ranks = sized
     max_len = _max_len(ctx, kv_bytes, lay, ranks, want)
     tokens = min(kvcache.kv_fit(arch, r.kinds, lay.tp, kv_bytes, r.budget.kv_bytes, max(max_len, 1),
-                                r.prof.batched_tokens, ctx.rules.hybrid_kv_manager).tokens for r in ranks)
+                                r.prof.batched_tokens, ctx.rules.hybrid_kv_manager,
+                                ctx.rules.kv_tokens_by_concurrency).tokens for r in ranks)
     per_gpu = [r.budget for r in ranks]
     starved = next((g for g in per_gpu if g.kv_bytes <= 0), None)
     floor_len = min(s.min_context, model_max)

@@ -130,8 +130,10 @@ def expert_bytes(arch: ModelArch, quantization: str, tp: int, layers: int, sourc
                  compute_capability: tuple[int, int], mxfp4_triton_on_hopper: bool) -> float:
     """Routed-expert bytes of ``layers`` MoE layers on one TP rank. mxfp4 pads the experts for its
     kernel (get_mxfp4_backend / create_weights in vllm/.../quantization/mxfp4.py): Marlin (GPUs
-    without FP4, or Hopper before 0.11) pads the intermediate size to 128 and hidden to 256,
-    FlashInfer on Blackwell both to 256, Triton on Hopper the intermediate size to 64."""
+    without FP4, or Hopper without triton_kernels) pads the intermediate size to 128 and hidden to
+    256, FlashInfer on Blackwell both to 256, Triton on Hopper the intermediate size to 64 and its
+    swizzled value layout (triton_kernels HopperMXValueLayout._padded_shape, 64 x 256) the hidden
+    size to 256."""
     if not arch.num_experts:
         return 0.0
     moe_layers = max(0, layers - min(layers, arch.first_dense_layers))
@@ -143,7 +145,7 @@ def expert_bytes(arch: ModelArch, quantization: str, tp: int, layers: int, sourc
     if major >= 10:
         inter, h = _round_up(inter, 256), _round_up(h, 256)
     elif major == 9 and mxfp4_triton_on_hopper:
-        inter = _round_up(inter, 64)
+        inter, h = _round_up(inter, 64), _round_up(h, 256)
     else:
         inter, h = _round_up(inter, 128), _round_up(h, 256)
     return arch.num_experts * 3 * h * inter * MXFP4_BYTES_PER_PARAM * moe_layers

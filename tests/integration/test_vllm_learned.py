@@ -22,7 +22,10 @@ pytest.importorskip("vllm", reason="vLLM is not installed: scripts/test installs
 pytestmark = pytest.mark.engines
 
 
-def test_second_plan_uses_what_the_first_start_measured(loop, smollm2_hf_dir, tmp_path):
+def test_second_plan_uses_what_the_first_start_measured(loop, smollm2_hf_dir, tmp_path, monkeypatch):
+    # The backend sets VLLM_CPU_KVCACHE_SPACE only while the engine spawns; the measurement must
+    # come from the engine, not from a variable the calling shell happens to export.
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     settings = Settings.model_validate({"state_dir": str(tmp_path), "planner": {"target_context": 2048,
                                                                                "min_context": 512}})
     host = detect("cpu-only", env={})
