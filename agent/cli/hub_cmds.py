@@ -134,7 +134,8 @@ def models(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     rows = [{"ref": p.ref, "engine": p.engine, "format": p.format, "quant": p.quant, "repo": p.repo,
              "revision": p.revision, "commit": p.commit, "file": p.file, "size_bytes": p.size,
              "pulled_at": round(p.pulled_at, 3), "last_used": round(p.last_used, 3) if p.last_used else None,
-             "in_use": store.in_use(p.repo)} for p in pulls]
+             "in_use": store.in_use(p.repo), "quantized": p.quantized,
+             "degraded": bool((p.quantized or {}).get("quality", {}).get("degraded"))} for p in pulls]
     if as_json:
         sys.stdout.write(json.dumps({"cache_dir": str(store.hub.cache_dir), "models": rows}, indent=2) + "\n")
         return
@@ -148,6 +149,8 @@ def models(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
         t.add_column(col)
     for r in rows:
         variant = r["file"] or {"hf": "bf16"}.get(r["format"], r["quant"] or r["format"])
+        if r["quantized"]:
+            variant += " (made here, DEGRADED: see models --json)" if r["degraded"] else " (made here)"
         t.add_row(escape(r["ref"]), r["engine"], escape(variant), escape(f"{r['repo']}@{r['revision']} ({r['commit'][:10]})"),
                   gb(r["size_bytes"]), _ago(r["pulled_at"]), _ago(r["last_used"]), "serving" if r["in_use"] else "")
     console.print(t)

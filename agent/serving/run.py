@@ -14,7 +14,7 @@ import importlib.util
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.backends.base import Backend
 from agent.errors import UsageError
@@ -81,13 +81,13 @@ def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None
             from agent.learned_store import LearnedStore, plan_inputs, state_dir
 
             store = LearnedStore(state_dir(settings.state_dir))
-            node = plan(host, local.vllm_spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus,
-                        **plan_inputs(settings))
+            hf_dir, spec, node, why = pick_checkpoint(local, settings, host, plan_inputs(settings))
+            notes += why
             if node.fits:
                 physical = {g.index: g.nvml_index for g in host.gpus}
                 gpu = min(host.gpus, key=lambda g: g.memory_total_bytes).name if host.gpus else "cpu"
                 backends.append(VllmBackend(node.primary, hf_dir, name, settings.engines.vllm_cpu_kvcache_gib,
-                                            physical, learn=learner(store.record, node.primary, local.vllm_spec, gpu)))
+                                            physical, learn=learner(store.record, node.primary, spec, gpu)))
             else:
                 notes.append(f"vLLM skipped: {node.primary.refusal}")
     gguf = local.gguf
@@ -104,6 +104,29 @@ def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None
     if not backends:
         raise UsageError("no engine can serve this model here: " + "; ".join(notes))
     return Assembly(backends, name, tuple(notes))
+
+
+def pick_checkpoint(local: LocalModel, settings: Settings, host: HostInfo, inputs: dict):
+    """The checkpoint vLLM starts on: the model's own when its plan fits, else the first variant
+    ``node-agent quantize`` made for it whose plan fits (agent/quantize/register.py). Returns
+    (directory, spec, plan, notes); the plan carries what is known of a variant (its quality)."""
+    from agent.quantize.register import describe_variant
+
+    own = next((p for p in local.pulls if p.quantized and local.hf_dir and p.commit == local.hf_dir.name), None)
+    candidates = [(local.vllm_spec, local.hf_dir, own), *local.alternates]
+    notes: list[str] = []
+    first = None
+    for spec, hf_dir, pull in candidates:
+        node = plan(host, spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus, **inputs)
+        first = first or (hf_dir, spec, node)
+        if node.fits:
+            if pull is not None and pull.quantized is not None:
+                node = replace(node, primary=replace(node.primary, variant=describe_variant(pull)))
+                if hf_dir != local.hf_dir:
+                    notes.append(f"vLLM runs {pull.quant} (made by `node-agent quantize`): the model's own "
+                                 "checkpoint does not fit here")
+            return hf_dir, spec, node, notes
+    return (*first, notes)  # type: ignore[misc]
 
 
 # While a download runs before READY=1, systemd's start timeout is pushed out by this much at a
