@@ -73,3 +73,11 @@ def smollm2_gguf_path() -> Path:
 def smollm2_hf_dir() -> Path:
     """SmolLM2-135M-Instruct as a bf16 HF directory for vLLM (converted once, ~45 s)."""
     return make_smollm2_hf(CACHE / "smollm2-hf")
+
+
+@pytest.fixture(scope="session")
+def quantizer_env_dir() -> Path:
+    """Where the quantizer's own environment lives for the tests (scripts/test makes it first; the
+    agent makes it itself, the way it does for users, when it is missing)."""
+    default = Path(__file__).resolve().parents[1] / ".cache" / "quantizer"
+    return Path(os.environ.get("NODE_AGENT_TEST_QUANTIZER", default)).absolute()
