@@ -104,7 +104,17 @@ def weight_args(job: dict) -> dict:
     return args
 
 
-def recipe(job: dict, layers: int, layer_class: str | None) -> list:
+def awq_mappings(model, ignore: list[str]) -> list:
+    """llm-compressor's AWQ mappings for the model, without those that scale into a layer left
+    16-bit: a smoothing scale must be folded into every layer that reads the smoothed output,
+    and AWQ can only fold it into quantized ones (llm-compressor divides by zero otherwise)."""
+    from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
+
+    skipped = set(ignore)
+    return [m for m in get_layer_mappings_from_model(model) if not skipped & set(m.balance_layers)]
+
+
+def recipe(job: dict, layers: int, layer_class: str | None, model=None) -> list:
     """The modifiers for the job's scheme, then the progress counter (it only listens)."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
@@ -117,7 +127,9 @@ def recipe(job: dict, layers: int, layer_class: str | None) -> list:
         return [GPTQModifier(config_groups=groups, ignore=ignore), progress]
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    return [AWQModifier(n_grid=job.get("awq_grid", 20)), QuantizationModifier(config_groups=groups, ignore=ignore),
+    mappings = awq_mappings(model, ignore) if model is not None else None
+    return [AWQModifier(n_grid=job.get("awq_grid", 20), mappings=mappings),
+            QuantizationModifier(config_groups=groups, ignore=ignore),
             progress]
 
 
@@ -196,7 +208,7 @@ def run(job: dict) -> None:
     from llmcompressor import oneshot
 
     ds = Dataset.from_dict({"input_ids": calib, "attention_mask": [[1] * len(c) for c in calib]})
-    oneshot(model=model, dataset=ds, recipe=recipe(job, layers, layer_class), max_seq_length=job["seq_len"],
+    oneshot(model=model, dataset=ds, recipe=recipe(job, layers, layer_class, model), max_seq_length=job["seq_len"],
             num_calibration_samples=len(calib), shuffle_calibration_samples=False, pipeline="sequential")
     calibrated_at = time.monotonic()
 
