@@ -22,6 +22,7 @@ from agent.hardware.types import HostInfo
 from agent.hub.autopull import model_for_serve
 from agent.hub.local import LocalModel, hub_for, resolve_local
 from agent.hub.store import Store
+from agent.quantize.auto import for_serve as quantize_for_serve
 from agent.planner import Pins, plan
 from agent.planner.llamacpp import plan_llamacpp
 from agent.serving.router import Router
@@ -170,27 +171,32 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
     # before CUDA initialises in this process (llama.cpp's CUDA build does so when it loads).
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     local, download = model_for_serve(settings, host, vllm_cpu=not host.gpus)
+    local, quantization = quantize_for_serve(local, download, settings, host, vllm_cpu=not host.gpus)
+    before = [step for step in (download, quantization) if step is not None]  # run in order, then the engines
     parts = assemble(settings, host, local)
     for note in parts.notes:
         log.warning("%s", note)
     notifier = notifier or Notifier()
     router = Router(parts.backends, settings.router, settings.admission)
     node = build_node(settings, router, parts.model_name, gpu_sampler(settings, host), notifier, host.hostname,
-                      progress_source=download.progress if download else None)
+                      progress_source=(lambda: next((p for p in (s.progress() for s in before) if p), None))
+                      if before else None)
     store = Store(hub_for(settings))
     store.touch(list(local.pulls))
     exit_code = 0
 
     async def start_backends() -> None:
-        """The download first (``model.pull: auto``), then the engines."""
+        """The download first (``model.pull: auto``), the quantization (``model.quantize: auto``),
+        then the engines."""
         nonlocal exit_code
-        if download is not None:
+        for step in before:
+            what = "download" if step is download else "quantization"
             try:
-                await _run_download(download, notifier)
+                await _run_download(step, notifier)
             except Exception as exc:  # noqa: BLE001 - any failure ends serve with its message
-                log.critical("the download failed: %s", exc)
+                log.critical("the %s failed: %s", what, exc)
                 exit_code = getattr(exc, "exit_code", 1)
-                notifier.stopping(f"download failed: {exc}")
+                notifier.stopping(f"{what} failed: {exc}")
                 server.should_exit = True
                 return
         await router.start()
