@@ -16,7 +16,7 @@ SERVICE_USER=node-agent
 MIN_PY_MINOR=11
 
 MODE=system DRY_RUN=0 PROFILE="" USE_SYSTEMD=1 PREFIX="" UNINSTALL=0 PURGE=0 EXTRAS="" NATIVE=0
-MODEL="" PYTHON="" PRINT_UNIT=0 READY_TIMEOUT=900
+MODEL="" PYTHON="" PRINT_UNIT=0 READY_TIMEOUT=900 PULL=1
 
 usage() {
     cat <<'EOF'
@@ -26,7 +26,9 @@ Usage: install.sh [options]
   --prefix DIR       where the virtualenv goes (default /opt/node-agent; --user: ~/.local/share/node-agent)
   --extras LIST      pip extras to install, e.g. "llamacpp" or "vllm,llamacpp" (default: chosen from the host)
   --native           build llama.cpp for this CPU only (-march=native; default: portable)
-  --model REF        model.ref for the config: a card name, an HF model directory or a .gguf (default: embedded SmolLM2)
+  --model REF        the model to serve: a card name, owner/name, owner/name:file.gguf (planned, then pulled
+                     with progress), an HF model directory or a .gguf (default: embedded SmolLM2)
+  --no-pull          with --model: write the config but fetch nothing (the service then names the pull to run)
   --python PATH      the Python (>= 3.11) to build the virtualenv with
   --no-systemd       install no unit (containers, tests); prints how to start the agent instead
   --dry-run          preflight and the plan only: print what would be installed and the config; change nothing
@@ -56,6 +58,7 @@ while [ $# -gt 0 ]; do
         --native) NATIVE=1 ;;
         --model) MODEL=${2:?--model needs a reference}; shift ;;
         --python) PYTHON=${2:?--python needs a path}; shift ;;
+        --no-pull) PULL=0 ;;
         --no-systemd) USE_SYSTEMD=0 ;;
         --dry-run) DRY_RUN=1 ;;
         --profile) PROFILE=${2:?--profile needs a name}; shift ;;
@@ -98,16 +101,20 @@ UNIT=$UNIT_DIR/$UNIT_NAME
 
 # The unit as installed: the repository's unit with this install's paths. --user drops what only
 # a system service can have (User=, the sandboxing that needs privileges).
+# A path as the replacement of a sed s|...|...| command: its |, & and \ taken literally.
+sed_path() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
 render_unit() {
     local src=$SRC_DIR/systemd/$UNIT_NAME
     [ -f "$src" ] || die "$src is missing: run install.sh from a complete node-agent checkout"
+    local venv conf state cache
+    venv=$(sed_path "$VENV") conf=$(sed_path "$CONF_DIR") state=$(sed_path "$STATE_DIR") cache=$(sed_path "$CACHE_DIR")
     if [ "$MODE" = system ]; then
-        sed -e "s|/opt/node-agent/venv|$VENV|g" "$src"
+        sed -e "s|/opt/node-agent/venv|$venv|g" "$src"
     else
-        sed -e "s|/opt/node-agent/venv|$VENV|g" \
-            -e "s|/etc/node-agent|$CONF_DIR|g" \
-            -e "s|/var/lib/node-agent|$STATE_DIR|g" \
-            -e "s|/var/cache/node-agent|$CACHE_DIR|g" \
+        sed -e "s|/opt/node-agent/venv|$venv|g" \
+            -e "s|/etc/node-agent|$conf|g" \
+            -e "s|/var/lib/node-agent|$state|g" \
+            -e "s|/var/cache/node-agent|$cache|g" \
             -e '/^User=/d' -e '/^Group=/d' -e '/^StateDirectory=/d' -e '/^CacheDirectory=/d' \
             -e '/^ConfigurationDirectory=/d' -e '/^RuntimeDirectory=/d' -e '/^CapabilityBoundingSet=/d' \
             -e '/^AmbientCapabilities=/d' -e '/^ProtectSystem=/d' -e '/^ProtectHome=/d' -e '/^PrivateTmp=/d' \
@@ -222,6 +229,9 @@ RAM_GIB=$(awk '/^MemTotal:/ {printf "%d", $2 / 1048576}' /proc/meminfo)
 RAM_AVAIL_GIB=$(awk '/^MemAvailable:/ {printf "%d", $2 / 1048576}' /proc/meminfo)
 info "Disk: ${DISK_FREE_GIB} GiB free under $(existing_parent "$PREFIX")"
 info "RAM: ${RAM_GIB} GiB, ${RAM_AVAIL_GIB} GiB available"
+if [ "$USE_SYSTEMD" = 1 ] && [ "$DRY_RUN" = 0 ] && systemd_running && ! command -v curl >/dev/null; then
+    die "curl is missing: the installer polls the service's /health/ready with it (apt install curl), or use --no-systemd"
+fi
 command -v c++ >/dev/null || command -v g++ >/dev/null \
     || warn "no C++ compiler: building llama-cpp-python needs one unless pip has a wheel cached (apt install build-essential)"
 
@@ -383,6 +393,8 @@ if [ ! -f "$ENV_FILE" ]; then
 #NODE_AGENT_SERVER__API_KEY=
 # Required on /health/*, /v1/node and /metrics when set:
 #NODE_AGENT_HEALTH__TOKEN=
+# A hub token, for gated models (accept the license on the model's page first):
+#HF_TOKEN=
 EOF
     umask "$umask_was"
     if [ "$MODE" = system ]; then chgrp "$SERVICE_USER" "$ENV_FILE"; fi
@@ -390,8 +402,53 @@ EOF
     CHANGED=1
 fi
 
-PORT=$("$VENV/bin/node-agent" config --config "$CONFIG" --json \
-    | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["server"]["port"])')
+# A model on the hub (a card name, owner/name, owner/name:file.gguf) is pulled now, into the cache
+# the unit serves from (HF_HOME in systemd/node-agent.service), as the service user.
+HF_HOME_DIR=$CACHE_DIR/huggingface
+PULLED=0
+if [ "$PULL" = 1 ] && [ -n "$MODEL" ] && [ "$MODEL" != default ] && [ ! -e "$MODEL" ]; then
+    say "Model"
+    info "pulling $MODEL: exactly what the plan for this host runs (an interrupted pull resumes on the next run)"
+    pull=(env HF_HOME="$HF_HOME_DIR" "$VENV/bin/node-agent" pull "$MODEL" --config "$CONFIG")
+    if [ "$MODE" = system ] && command -v runuser >/dev/null; then
+        pull=(runuser -u "$SERVICE_USER" -- "${pull[@]}")
+    fi
+    if ! "${pull[@]}"; then
+        die "could not pull $MODEL (the reason is above); nothing is lost: run install.sh again to resume"
+    fi
+    PULLED=1
+    if [ "$MODE" = system ] && ! command -v runuser >/dev/null; then
+        chown -R "$SERVICE_USER:$SERVICE_USER" "$HF_HOME_DIR"
+    fi
+fi
+
+# The port and the health token as the service will see them: the config file and the
+# NODE_AGENT_* variables of its EnvironmentFile (systemd's KEY=VALUE lines), the token never on a
+# command line.
+SERVICE_SETTINGS='
+import sys
+from pathlib import Path
+from agent.settings import load_settings
+env = {}
+path = Path(sys.argv[2])
+if path.is_file():
+    for line in path.read_text().splitlines():
+        key, eq, value = line.strip().partition("=")
+        if eq and key.startswith("NODE_AGENT_") and not key.startswith("#"):
+            env[key.strip()] = value.strip().strip("\x27\"")
+s = load_settings(Path(sys.argv[1]), env=env)
+print(s.server.port, s.health.token.get_secret_value() if s.health.token else "")
+'
+read -r PORT HEALTH_TOKEN < <("$VENV/bin/python" -c "$SERVICE_SETTINGS" "$CONFIG" "$ENV_FILE") \
+    || die "could not read the settings in $CONFIG and $ENV_FILE (node-agent config --config $CONFIG says why)"
+ready_body() {
+    if [ -n "$HEALTH_TOKEN" ]; then
+        printf 'header = "Authorization: Bearer %s"\n' "$HEALTH_TOKEN" \
+            | curl -fsS -K - "http://127.0.0.1:$PORT/health/ready" 2>/dev/null
+    else
+        curl -fsS "http://127.0.0.1:$PORT/health/ready" 2>/dev/null
+    fi
+}
 
 if [ "$USE_SYSTEMD" = 1 ]; then
     say "systemd"
@@ -421,7 +478,7 @@ if [ "$USE_SYSTEMD" = 1 ]; then
         if [ "$MODE" = user ]; then JOURNAL="journalctl --user -u node-agent"; fi
         say "Waiting for http://127.0.0.1:$PORT/health/ready (up to ${READY_TIMEOUT}s)"
         deadline=$((SECONDS + READY_TIMEOUT))
-        until body=$(curl -fsS "http://127.0.0.1:$PORT/health/ready" 2>/dev/null); do
+        until body=$(ready_body); do
             if [ "$SECONDS" -ge "$deadline" ]; then
                 die "not ready after ${READY_TIMEOUT}s: see $JOURNAL"
             fi
@@ -440,12 +497,17 @@ fi
 say "Done"
 info "endpoint: http://127.0.0.1:$PORT/v1 (OpenAI-compatible); health: http://127.0.0.1:$PORT/health/ready"
 if [ "$USE_SYSTEMD" = 0 ]; then
-    info "start it with: $VENV/bin/node-agent serve --config $CONFIG"
+    if [ "$PULLED" = 1 ]; then
+        info "start it with: HF_HOME=$HF_HOME_DIR $VENV/bin/node-agent serve --config $CONFIG"
+    else
+        info "start it with: $VENV/bin/node-agent serve --config $CONFIG"
+    fi
 fi
 MODEL_NAME=$("$VENV/bin/node-agent" config --config "$CONFIG" --json | "$VENV/bin/python" -c '
 import json, sys
 s = json.load(sys.stdin)
-print(s["server"]["model_name"] or ("smollm2-135m-instruct" if s["model"]["ref"] == "default" else "<model>"))')
+ref = s["model"]["ref"]
+print(s["server"]["model_name"] or ("smollm2-135m-instruct" if ref == "default" else ref.split(":")[-1].split("/")[-1].split("@")[0].removesuffix(".gguf").removesuffix(".yaml")))')
 info "first request:"
 info "  curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'content-type: application/json' \\"
 info "    -d '{\"model\": \"$MODEL_NAME\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'"

@@ -84,3 +84,14 @@ class LearnedStore:
         else:
             log.info("measured KV capacity %d tokens (planned %d) recorded in %s", measured.kv_tokens,
                      measured.predicted_kv_tokens, self.path)
+
+
+def plan_inputs(settings, profile: bool = False) -> dict:
+    """What every plan of this host is made with besides the model: the vLLM release it runs
+    (``planner.vllm_version``, else the installed one) and, unless planning for a profile (another
+    host), what earlier starts here measured."""
+    from agent.backends.vllm_measured import installed_vllm_version
+
+    use = settings.planner.use_measured and not profile
+    return {"vllm_version": installed_vllm_version(),
+            "measured": LearnedStore(state_dir(settings.state_dir)).load() if use else {}}

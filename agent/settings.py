@@ -35,12 +35,24 @@ class ModelSettings(_Section):
 
     ref: str = Field(
         "default",
-        description="Card name from models/, an HF model directory, a config.json, a .gguf file, "
-        "or 'default' for the embedded SmolLM2-135M-Instruct.",
+        description="Card name from models/, an HF repo id (owner/name, optionally @revision), "
+        "owner/name:file.gguf, an HF model directory, a config.json, a .gguf file, or 'default' for the "
+        "embedded SmolLM2-135M-Instruct. Hub references are served from what `node-agent pull` fetched.",
         min_length=1,
     )
     gguf: str | None = Field(
         None, description="GGUF file for the llama.cpp fallback when 'ref' is not a GGUF itself."
+    )
+    pull: Literal["auto", "never"] = Field(
+        "never",
+        description="When model.ref names a hub model that is not on disk: 'auto' downloads it at start "
+        "(progress in /health/ready and systemd's STATUS); 'never' refuses, naming the `node-agent pull` "
+        "command and the size.",
+    )
+    cache_dir: str | None = Field(
+        None, min_length=1,
+        description="Hub cache (huggingface_hub's layout) that pulled models go to and are served from; "
+        "unset: huggingface_hub's own ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub).",
     )
 
 

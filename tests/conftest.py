@@ -18,6 +18,15 @@ from pathlib import Path
 
 import pytest
 
+# Tests never read or write the developer's hub cache or token, and never reach the real hub:
+# huggingface_hub reads these when it is first imported, so they are set before any test module
+# loads. Tests that talk to the loopback hub (tests/support/hub.py) set their own in the
+# processes they start.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="node-agent-tests-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_ENDPOINT", None)
+
 from tests.support.models import TinyModel, make_smollm2_hf, make_tiny_llama, smollm2_gguf
 
 # Built models live in the checkout (git-ignored) so later runs and CI re-runs reuse them.
@@ -38,9 +47,7 @@ def pytest_configure(config) -> None:
         "XDG_CACHE_HOME": os.path.join(home, ".cache"),
         "XDG_STATE_HOME": os.path.join(home, ".local", "state"),
         "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
-        "HF_HOME": os.path.join(home, ".cache", "huggingface"),
     })
-    os.environ.pop("HF_TOKEN", None)
 
 
 def pytest_unconfigure(config) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import mmap
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -142,7 +142,9 @@ def read_header(path: Path) -> GgufHeader:
         raise ModelError(f"{path} is truncated: its header runs past the end; re-download it") from exc
 
 
-def _parse(path: Path, buf: mmap.mmap) -> GgufHeader:
+def _parse(path: Path, buf: mmap.mmap | bytes, file_size: int | None = None) -> GgufHeader:
+    """``file_size``: the whole file's size when ``buf`` holds only its beginning (a header
+    fetched over HTTP); tensor data past ``buf`` is then not required."""
     if buf[:4] != b"GGUF":
         raise ModelError(f"{path} is not a GGUF file (no GGUF magic at its start)")
     order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
@@ -175,16 +177,42 @@ def _parse(path: Path, buf: mmap.mmap) -> GgufHeader:
         ends.append(offset + tensor_bytes[name])
     alignment = fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     data_start = -(-cur.pos // alignment) * alignment
-    if ends and data_start + max(ends) > len(buf):
+    size = len(buf) if file_size is None else file_size
+    if ends and data_start + max(ends) > size:
         raise _Truncated
-    return GgufHeader(path, fields, tensor_bytes, tensor_types, len(buf))
+    return GgufHeader(path, fields, tensor_bytes, tensor_types, size)
+
+
+class HeaderIncomplete(Exception):
+    """The bytes given end inside the header: fetch more of the file."""
+
+
+def parse_header_prefix(name: str, prefix: bytes, file_size: int) -> GgufHeader:
+    """The header of a GGUF file of ``file_size`` bytes from its first bytes only."""
+    try:
+        return _parse(Path(name), prefix, file_size)
+    except _Truncated as exc:
+        if len(prefix) >= file_size:
+            raise ModelError(f"{name} is truncated: its header runs past the end") from exc
+        raise HeaderIncomplete from exc
+    except ValueError as exc:
+        raise ModelError(f"{name} is not a GGUF file or is damaged ({exc})") from exc
 
 
 def read_gguf(path: str | Path) -> ModelSpec:
     """A ModelSpec for a local .gguf file (the first shard of a split GGUF)."""
     path = Path(path).expanduser()
     head = read_header(path)
-    shards = [head] + [read_header(p) for p in _other_shards(head)]
+    spec = spec_from_headers([head] + [read_header(p) for p in _other_shards(head)])
+    return replace(spec, local_path=str(path))
+
+
+def spec_from_headers(shards: list[GgufHeader], total_size: int | None = None) -> ModelSpec:
+    """A ModelSpec from the headers of a GGUF's shards (the first shard first). With the first
+    shard's header alone (a file not on disk yet), pass the whole size: per-layer bytes are then
+    those of the tensors that header lists."""
+    head = shards[0]
+    path = head.path
     fields = head.fields
     arch_name = _field(head, "general.architecture", str)
     pre = f"{arch_name}."
@@ -227,17 +255,20 @@ def read_gguf(path: str | Path) -> ModelSpec:
             per_layer[index] += n
         else:
             non_layer += n
+    # A split GGUF known by its first shard only: the other shards' tensors are unknown, so the
+    # planner estimates per-layer bytes from the total size instead.
+    partial = _opt_int(head, "split.count", 1) > len(shards)
     source = WeightSource(
         format="gguf",
         file=str(path),
         quant_type=file_type,
-        size_bytes=sum(s.file_size for s in shards),
-        tensor_bytes_per_layer=tuple(per_layer),
-        non_layer_bytes=non_layer,
+        size_bytes=total_size or sum(s.file_size for s in shards),
+        tensor_bytes_per_layer=() if partial else tuple(per_layer),
+        non_layer_bytes=None if partial else non_layer,
     )
     notes = () if arch_name in HF_ARCHITECTURES else (f"GGUF architecture {arch_name!r} has no known HF name",)
     name = _SHARD_NAME.sub(r"\g<prefix>", path.stem)
-    return ModelSpec(name=name, arch=arch, sources=(source,), local_path=str(path), origin="gguf", notes=notes)
+    return ModelSpec(name=name, arch=arch, sources=(source,), origin="gguf", notes=notes)
 
 
 def _other_shards(head: GgufHeader) -> list[Path]:

@@ -47,7 +47,7 @@ def resolve_model(ref: str | None) -> ModelSpec:
         return load_hf_config(path)
     if suffix in (".yaml", ".yml"):
         return load_card(path)
-    by_repo = _card_for_repo(ref, cards)
+    by_repo = card_for_repo(ref, cards)
     if by_repo is not None:
         return by_repo
     if path.exists():
@@ -107,11 +107,11 @@ def _looks_like_path(ref: str) -> bool:
     return Path(ref).is_absolute() or ref.startswith(("./", "../", "~")) or ref.count("/") >= 2
 
 
-def _card_for_repo(ref: str, cards: list[str]) -> ModelSpec | None:
+def card_for_repo(ref: str, cards: list[str] | None = None) -> ModelSpec | None:
     """The card that lists ``ref`` (an HF repo id, owner/name) as one of its sources."""
     if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
         return None
-    for name in cards:
+    for name in available_cards() if cards is None else cards:
         spec = load_card(name)
         if any(s.repo == ref for s in spec.sources):
             return spec

@@ -83,7 +83,7 @@ def detect(profile: ProfileOpt = None, as_json: JsonOpt = False, config: ConfigO
 
 @app.command()
 def plan(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Card name, HF model dir, config.json or .gguf (default: model.ref from settings).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Card name, HF repo id (owner/name[@rev]), owner/name:file.gguf, HF model dir, config.json or .gguf (default: model.ref from settings).")] = None,
     profile: ProfileOpt = None,
     engine: Annotated[str, typer.Option(help="auto, vllm or llamacpp.")] = "auto",
     tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Pin the tensor parallel size.")] = None,
@@ -96,17 +96,21 @@ def plan(
     vllm_version: Annotated[Optional[str], typer.Option("--vllm-version", help="Plan for this vLLM release (default: the installed one; planner.vllm_version).")] = None,
     as_json: JsonOpt = False,
     emit_config: Annotated[bool, typer.Option("--emit-config", help="Print a settings file (YAML) that serves this model as planned, the plan as comments.")] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Plan a hub model from its card alone: nothing is fetched (also when HF_HUB_OFFLINE is set).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Plan how to serve a model on this host (or a profile): engine, parallelism, memory, with reasons.
 
+    A model on the hub (a card, owner/name, owner/name:file.gguf) is planned from its metadata
+    (config, file list and sizes; never its weights), and the plan says what `pull` would fetch.
     Exit 0 when it fits, 1 when it does not (the refusal says what would make it fit), 2 on bad input.
     """
-    from agent.backends.vllm_measured import installed_vllm_version
     from agent.catalog.resolve import resolve_model
     from agent.cli.plan_view import config_for_plan, render_plan
-    from agent.learned_store import LearnedStore, state_dir
+    from agent.cli.pull_view import download_preview, render_download
+    from agent.learned_store import plan_inputs
     from agent.hardware import detect as detect_host
+    from agent.hub.refs import parse_ref
     from agent.planner import Pins
     from agent.planner import plan as make_plan
     from agent.planner.report import plan_to_dict
@@ -122,27 +126,37 @@ def plan(
         fail(UsageError(f"--kv-cache-dtype {kv_cache_dtype}: choose auto or fp8"))
     pins = Pins(engine=engine, tp=tp, pp=pp, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+    ref_text = model or settings.model.ref
+    preview = None
     try:
         host = detect_host(settings.profile)
-        spec = resolve_model(model or settings.model.ref)
-        store = LearnedStore(state_dir(settings.state_dir))
-        measured = store.load() if settings.planner.use_measured and not settings.profile else {}
-        result = make_plan(host, spec, settings, pins, vllm_version=installed_vllm_version(), measured=measured)
+        ref = parse_ref(ref_text)
+        if ref is None:
+            result = make_plan(host, resolve_model(ref_text), settings, pins,
+                               **plan_inputs(settings, profile=bool(settings.profile)))
+        else:
+            result, preview = download_preview(ref, settings, host, pins, offline)
     except NodeAgentError as exc:
         fail(exc)
     if emit_config:
-        sys.stdout.write(config_for_plan(result, host, model or settings.model.ref))
+        sys.stdout.write(config_for_plan(result, host, ref_text))
     elif as_json:
-        sys.stdout.write(json.dumps(plan_to_dict(result), indent=2) + "\n")
+        body = plan_to_dict(result)
+        if preview is not None:
+            body["download"] = preview.to_dict()
+        sys.stdout.write(json.dumps(body, indent=2) + "\n")
     else:
         render_plan(result, host, Console())
+        if preview is not None:
+            render_download(preview, Console())
     raise typer.Exit(0 if result.fits else 1)
 
 
 @app.command()
 def serve(
     config: ConfigOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Overrides model.ref: an HF model directory (vLLM), a .gguf, or 'default'.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Overrides model.ref: a card, an HF repo id, owner/name:file.gguf, an HF model directory (vLLM), a .gguf, or 'default'.")] = None,
+    pull_mode: Annotated[Optional[str], typer.Option("--pull", help="Overrides model.pull: auto (download a hub model that is missing) or never.")] = None,
     gguf: Annotated[Optional[str], typer.Option(help="Overrides model.gguf: the GGUF for the llama.cpp fallback.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Overrides server.host (default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Overrides server.port (default 8080).")] = None,
@@ -159,6 +173,8 @@ def serve(
         overrides.setdefault("model", {})["ref"] = model
     if gguf:
         overrides.setdefault("model", {})["gguf"] = gguf
+    if pull_mode:
+        overrides.setdefault("model", {})["pull"] = pull_mode
     for key, value in (("host", host), ("port", port), ("insecure", insecure or None)):
         if value is not None:
             overrides.setdefault("server", {})[key] = value
@@ -234,3 +250,6 @@ def show_config(
 def run() -> None:
     """Console-script entry point."""
     app()
+
+
+from agent.cli import hub_cmds  # noqa: E402,F401  (registers pull, models, rm on ``app``)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.backends.base import BackendState
@@ -67,8 +68,11 @@ class NodeMonitor:
     """Readiness, GPU samples and VRAM pressure; notifies systemd of what changes."""
 
     def __init__(self, router: Router, sampler: NvmlSampler | None, margin_bytes: int, poll_s: float,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, progress_source: Callable[[], dict | None] | None = None) -> None:
         self.router = router
+        # Work that must finish before the engines start (serve's model download): while it
+        # returns a dict and nothing serves yet, readiness is "loading" with it as progress.
+        self.progress_source = progress_source
         self.sampler = sampler
         self.margin_bytes = margin_bytes
         self.poll_s = poll_s
@@ -98,6 +102,9 @@ class NodeMonitor:
             why += [f"{name}: {text}" for name, text in self.pressure.items()]
             return Readiness("degraded" if why else "ok", route.name, "; ".join(why) or None)
         states = describe_states(router.routes)
+        before = self.progress_source() if self.progress_source is not None else None
+        if before is not None and not self.ever_ready:
+            return Readiness("loading", None, before.get("summary") or "preparing the model", {"download": before})
         starting = [r for r in router.routes if r.backend.state is BackendState.STARTING]
         waiting = [r for r in router.routes
                    if r.backend.state in (BackendState.STOPPED, BackendState.FAILED) and not r.gave_up]

@@ -131,12 +131,12 @@ def plan_summary(backend) -> dict:
 
 
 def build_node(settings, router: Router, model_name: str, sampler=None, notifier=None,
-               hostname: str | None = None) -> Node:
+               hostname: str | None = None, progress_source=None) -> Node:
     """A Node with its monitor and telemetry wired to ``router``."""
     telemetry = Telemetry()
     router.observer = telemetry
     monitor = NodeMonitor(router, sampler, settings.planner.safety_margin_mib * 1024**2,
-                          settings.health.gpu_poll_interval_s, notifier)
+                          settings.health.gpu_poll_interval_s, notifier, progress_source)
     plans = {r.name: plan_summary(r.backend) for r in router.routes if hasattr(r.backend, "plan")}
     node = Node(settings.health.node_id or default_node_id(), hostname or socket.gethostname(), model_name,
                 router, monitor, telemetry, plans)

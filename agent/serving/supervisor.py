@@ -2,6 +2,10 @@
 backoff, gives one up after ``router.max_restart_attempts`` failed starts in a row, and says when
 every backend is given up (``exhausted``: ``serve`` then exits 3).
 
+A backend whose breaker is half-open is probed by the supervisor itself with a one-token
+request, so a breaker closes again even when no client traffic reaches that backend (a
+fallback whose primary came back would otherwise stay half-open for good).
+
 Starts never overlap: one lock serializes them. On a small host two engines loading at once slow
 each other down, and the vLLM backend sets the environment its processes inherit only while it
 starts, which no other engine may observe half-way. A start is never cancelled half-way either
@@ -15,9 +19,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from agent.backends.base import Backend, BackendStartError, BackendState
+from agent.backends.base import Backend, BackendError, BackendStartError, BackendState, GenerationRequest
 from agent.serving.admission import Admission
-from agent.serving.breaker import Breaker
+from agent.serving.breaker import HALF_OPEN, Breaker
 from agent.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ class Supervisor:
         self._starting = asyncio.Lock()
         self._starts: set[asyncio.Future] = set()
         self._stopping = False
+        self._probes = 0
+        self.probing: set[str] = set()  # routes with a supervisor probe in flight
 
     async def start(self) -> None:
         """Start every backend, last (the terminal fallback, quickest) first, then watch them."""
@@ -99,6 +105,9 @@ class Supervisor:
         delay = self.settings.restart_backoff_s
         while not self._stopping:
             if route.backend.state is not BackendState.FAILED:
+                if route.backend.state in (BackendState.READY, BackendState.DEGRADED) and \
+                        route.breaker.state == HALF_OPEN:
+                    await self._probe(route)
                 await asyncio.sleep(POLL_S)
                 continue
             if route.failed_restarts >= self.settings.max_restart_attempts:
@@ -116,6 +125,42 @@ class Supervisor:
             route.failed_restarts = 0
             delay = self.settings.restart_backoff_s
             log.info("%s is back (restart %d)", route.name, route.restarts)
+
+    async def _probe(self, route: Route) -> None:
+        """One token through the breaker's probe permit (none when a request holds it already)."""
+        permit = route.breaker.permit()
+        if permit is None:
+            return
+        self._probes += 1
+        request = GenerationRequest(f"probe-{route.name}-{self._probes}", 1, prompt="Hello")
+        self.probing.add(route.name)
+        try:
+            await self._probe_with(route, permit, request)
+        finally:
+            self.probing.discard(route.name)
+
+    async def _probe_with(self, route: Route, permit, request: GenerationRequest) -> None:
+        with permit:
+            try:
+                async with asyncio.timeout(self.settings.first_token_timeout_s):
+                    prepared = await route.backend.prepare(request)
+                    async with route.admission.reserve(prepared.prompt_tokens + 1):
+                        gen = route.backend.generate(request, prepared)
+                        try:
+                            async for d in gen:
+                                if d.finish_reason is not None:
+                                    break
+                        finally:
+                            await gen.aclose()
+            except (BackendError, TimeoutError) as exc:
+                permit.failure(fatal=route.backend.state is BackendState.FAILED,
+                               reason=f"probe: {type(exc).__name__}: {exc}")
+                log.warning("%s: probe failed (%s); its breaker stays open", route.name, exc)
+                return
+            except Exception:  # noqa: BLE001 - admission refused (busy): try again later
+                return
+            permit.success()
+            log.info("%s: probe succeeded; its breaker is closed", route.name)
 
     def _give_up(self, route: Route) -> None:
         route.gave_up = True

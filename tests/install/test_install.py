@@ -84,6 +84,15 @@ def test_user_unit_verifies(tmp_path):
     assert verify.returncode == 0, verify.stderr
 
 
+@pytest.mark.parametrize("mode", [[], ["--user"]])
+def test_a_prefix_with_sed_metacharacters_renders_a_correct_unit(tmp_path, mode):
+    prefix = tmp_path / "a|b&c\\d"
+    r = run(*mode, "--print-unit", "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    exec_start = next(line for line in r.stdout.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.startswith(f"ExecStart={prefix}/venv/bin/node-agent serve"), exec_start
+
+
 def test_dry_run_for_a_gpu_profile_prints_the_cuda_build_and_the_config():
     r = run("--dry-run", "--profile", "rtx5090-rtx4090", "--user")
     assert r.returncode == 0, r.stderr
@@ -167,7 +176,8 @@ def test_an_existing_config_is_never_overwritten(user_install):
     mine = config.read_text() + "server:\n  port: 9090\n"
     config.write_text(mine)
     try:
-        r = run("--user", "--no-systemd", "--prefix", str(prefix), "--model", "llama-3.1-8b-instruct", env=env)
+        r = run("--user", "--no-systemd", "--prefix", str(prefix), "--model", "llama-3.1-8b-instruct", "--no-pull",
+                env=env)
         assert r.returncode == 0, r.stderr
         assert config.read_text() == mine
         new = config.with_name("config.yaml.new")
