@@ -69,6 +69,12 @@ class Breaker:
             return None
         return max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
 
+    def half_open_for_s(self) -> float | None:
+        """Seconds since the breaker became half-open; None unless half-open."""
+        if self.state != HALF_OPEN:
+            return None
+        return self._clock() - self._opened_at - self.cooldown_s
+
     def describe(self) -> dict:
         """For /v1/node and readiness."""
         retry = self.retry_in_s()

@@ -2,9 +2,10 @@
 backoff, gives one up after ``router.max_restart_attempts`` failed starts in a row, and says when
 every backend is given up (``exhausted``: ``serve`` then exits 3).
 
-A backend whose breaker is half-open is probed by the supervisor itself with a one-token
-request, so a breaker closes again even when no client traffic reaches that backend (a
-fallback whose primary came back would otherwise stay half-open for good).
+A backend whose breaker stays half-open for another cooldown without a client request taking
+the probe is probed by the supervisor itself with a one-token request, so a breaker closes
+again even when no client traffic reaches that backend (a fallback whose primary came back
+would otherwise stay half-open for good).
 
 Starts never overlap: one lock serializes them. On a small host two engines loading at once slow
 each other down, and the vLLM backend sets the environment its processes inherit only while it
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 from agent.backends.base import Backend, BackendError, BackendStartError, BackendState, GenerationRequest
 from agent.serving.admission import Admission
-from agent.serving.breaker import HALF_OPEN, Breaker
+from agent.serving.breaker import Breaker
 from agent.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,9 @@ class Supervisor:
         delay = self.settings.restart_backoff_s
         while not self._stopping:
             if route.backend.state is not BackendState.FAILED:
-                if route.backend.state in (BackendState.READY, BackendState.DEGRADED) and \
-                        route.breaker.state == HALF_OPEN:
+                idle = route.breaker.half_open_for_s()
+                if idle is not None and idle >= route.breaker.cooldown_s and \
+                        route.backend.state in (BackendState.READY, BackendState.DEGRADED):
                     await self._probe(route)
                 await asyncio.sleep(POLL_S)
                 continue

@@ -116,3 +116,13 @@ def test_capacity_is_what_the_engine_reported(backend):
         assert 40_000 < cap.kv_tokens_total < 50_000
         assert cap.max_context == backend._engine.vllm_config.model_config.max_model_len
         assert cap.slots_total == 4
+
+
+def test_every_delta_carries_the_prompt_count_and_the_cumulative_completion_count(loop, backend):
+    req = GenerationRequest("counts", 12, prompt="Monday, Tuesday, Wednesday,", temperature=0)
+    deltas = collect(loop, backend, req)
+    prompt = loop.run_until_complete(backend.count_prompt_tokens(req))
+    counts = [d.completion_tokens for d in deltas]
+    assert all(d.prompt_tokens == prompt for d in deltas)
+    assert counts[0] >= 1 and counts == sorted(counts)  # cumulative, never reset
+    assert deltas[-1].finish_reason == "length" and counts[-1] == 12

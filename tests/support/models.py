@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump a recipe string whenever its builder's output changes; cached copies are then rebuilt.
-_TINY_RECIPE = "tiny-llama v1"
+_TINY_RECIPE = "tiny-llama v2 strict-roles"
 _SMOLLM2_RECIPE = "smollm2-hf v2 bf16"
 _MARKER = ".complete"
 
@@ -43,12 +43,17 @@ TINY_INTERMEDIATE = 256
 TINY_RMS_EPS = 1e-5
 TINY_ROPE_THETA = 10000.0
 
-# ChatML, as SmolLM2 uses; <|im_end|> is the end-of-turn (eos) token.
+# ChatML, as SmolLM2 uses; <|im_end|> is the end-of-turn (eos) token. Like Mistral's and
+# Llama 2's templates it refuses a conversation whose user/assistant turns do not alternate, so
+# the engines' template errors can be tested for real.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
+ROLES_MUST_ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if loop.index0 > 0 and message['role'] != 'system' and message['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('" + ROLES_MUST_ALTERNATE + "') }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
