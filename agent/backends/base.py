@@ -95,6 +95,8 @@ class Capacity:
     # has at least B / max_token_bytes tokens, so one that cannot fit is refused by its size,
     # before any tokenization.
     max_token_bytes: int = 64
+    # Tokens per KV block: vLLM allocates its cache in blocks; llama.cpp per token (1).
+    kv_block_size: int = 1
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ class VllmBackend:
         self._tokenizer: Any = None
         self._monitor: asyncio.Task | None = None
         self._kv_tokens = 0
+        self._block_size = 16  # vLLM's default until the engine says
         self._max_len = plan.max_model_len
         self._max_token_bytes = 64
         self._active: dict[str, int] = {}  # request id -> reserved tokens
@@ -159,7 +160,8 @@ class VllmBackend:
         finally:
             errors.close()
         cfg = self._engine.vllm_config
-        self._kv_tokens = int(cfg.cache_config.num_gpu_blocks or 0) * int(cfg.cache_config.block_size)
+        self._block_size = int(cfg.cache_config.block_size)
+        self._kv_tokens = int(cfg.cache_config.num_gpu_blocks or 0) * self._block_size
         self._max_len = int(cfg.model_config.max_model_len)
         self._tokenizer = self._engine.get_tokenizer()
         self._max_token_bytes = await self._tok.run(_longest_token_bytes, self._tokenizer)
@@ -269,7 +271,7 @@ class VllmBackend:
         in_use = sum(min(v, self._max_len) for v in self._active.values())
         return Capacity(kv_tokens_total=self._kv_tokens, kv_tokens_in_use=in_use, max_context=self._max_len,
                         slots_total=self.plan.max_num_seqs, slots_in_use=len(self._active),
-                        max_token_bytes=self._max_token_bytes)
+                        max_token_bytes=self._max_token_bytes, kv_block_size=self._block_size)
 
     def health(self) -> Health:
         return self._state.health({"model": self.model_name, "engine_pid": self.engine_pid,

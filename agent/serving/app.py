@@ -39,6 +39,7 @@ from agent.serving.openai import (
     new_id,
     usage,
 )
+from agent.serving.retry_hints import RetryHints
 from agent.serving.router import Router, Served
 from agent.settings import Settings
 
@@ -66,13 +67,15 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(Gate, api_key=_secret(settings.server.api_key), health_token=_secret(settings.health.token),
                        max_body_bytes=settings.server.max_request_bytes)
-    app.add_middleware(RequestMetrics, telemetry=node.telemetry)  # outermost: refusals are counted too
+    app.add_middleware(RequestMetrics, telemetry=node.telemetry)  # refusals are counted too
+    app.add_middleware(RetryHints)  # outermost: the gate's refusals say "do not retry" too
     log_prompts = settings.server.log_prompts
     default_max = settings.admission.default_max_tokens
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        headers = {**exc.headers, BACKEND_HEADER: exc.backend} if exc.backend else exc.headers
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -151,7 +154,7 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
     @v1.get("/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "node-agent"}]}
+                                            "owned_by": "node-agent", "max_model_len": node.max_model_len()}]}
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
@@ -194,6 +197,16 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
         return await answer(raw, "/v1/completions", gen, body.stream,
                             lambda text, last: completion_response(rid, model_name, text, last), frame)
 
+    @health.get("/health")
+    async def health_probe() -> Response:
+        # vLLM's server semantics, for the routers that poll it: 200 and no body while some engine
+        # serves, else 503. As cheap as /health/ready (no engine call).
+        r = node.monitor.compute_readiness()
+        if r.serving:
+            return Response(status_code=200)
+        return JSONResponse({"status": r.status, "reason": r.reason}, status_code=503,
+                            headers={"Retry-After": _retry_after(r)})
+
     @health.get("/health/live")
     async def live() -> dict:
         # Answering at all is the point: the process and its event loop are alive.
@@ -210,7 +223,7 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
         body = {"status": r.status, "reason": r.reason}
         if r.progress:
             body["progress"] = r.progress
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5" if r.status == "loading" else "30"})
+        return JSONResponse(body, status_code=503, headers={"Retry-After": _retry_after(r)})
 
     @health.get("/v1/node")
     async def node_report() -> JSONResponse:
@@ -255,6 +268,11 @@ class RequestMetrics:
             await self.app(scope, receive, watch)
         finally:
             self.telemetry.request_done(path, seen["backend"], seen["status"], time.monotonic() - started)
+
+
+def _retry_after(readiness) -> str:
+    """Seconds a 503 from the health endpoints asks a prober to wait: soon while loading."""
+    return "5" if readiness.status == "loading" else "30"
 
 
 def _secret(value) -> str | None:

@@ -13,6 +13,7 @@ class ApiError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    backend: str | None = None  # the engine involved, if any: named in the x-node-agent-backend header
 
     def __init__(self, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

@@ -73,7 +73,13 @@ class Node:
                          for (e, b, s), n in sorted(self.telemetry.requests.items())],
             "fallback_switches": [{"from": f, "to": t, "reason": r, "count": n}
                                   for (f, t, r), n in sorted(self.router.counters.switches.items())],
+            "fallback_events": list(self.router.counters.events),
         }
+
+    def max_model_len(self) -> int:
+        """The longest context this node takes: its largest engine's (with that engine down, a
+        longer request gets a 503 and Retry-After, never a client error)."""
+        return max(route.backend.capacity().max_context for route in self.router.routes)
 
     def _backend(self, route) -> dict:
         health = route.backend.health()

@@ -83,11 +83,21 @@ class Served:
     delta: Delta
 
 
+FALLBACK_EVENTS_KEPT = 50  # the last fallback events /v1/node shows
+
+
 @dataclass
 class Counters:
-    """What the router has done, for /v1/node and /metrics."""
+    """What the router has done, for /v1/node and /metrics: switches counted by (from, to, reason
+    kind), and the last ``FALLBACK_EVENTS_KEPT`` fallback events as they were logged, oldest first."""
 
     switches: collections.Counter = field(default_factory=collections.Counter)  # (from, to, reason kind)
+    events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=FALLBACK_EVENTS_KEPT))
+
+    def switched(self, event: dict, kind: str) -> None:
+        """Count one fallback event and keep it (the oldest kept one goes when the buffer is full)."""
+        self.switches[(event["from"], event["to"] or "none", kind)] += 1
+        self.events.append(event)
 
 
 class Observer(Protocol):
@@ -205,17 +215,19 @@ class Router:
         return any(r.name not in tried for r in self.serving())
 
     def _switch(self, request_id: str, moved: _Moved, to: str | None) -> None:
-        self.counters.switches[(moved.backend, to or "none", moved.kind)] += 1
-        events.info(json.dumps({"event": "fallback", "ts": time.time(), "request_id": request_id,
-                                "from": moved.backend, "to": to, "reason": moved.reason,
-                                "latency_ms": round((time.monotonic() - moved.at) * 1000, 2)}))
+        event = {"ts": time.time(), "request_id": request_id, "from": moved.backend, "to": to,
+                 "reason": moved.reason, "latency_ms": round((time.monotonic() - moved.at) * 1000, 2)}
+        self.counters.switched(event, moved.kind)
+        events.info(json.dumps({"event": "fallback", **event}))
 
     def _nothing_left(self, moved: _Moved | None) -> ApiError:
         if moved is None:
             return NotReady(f"no backend can serve yet ({describe_states(self.routes)})")
         if moved.refusal is not None:
             return moved.refusal
-        return EngineFailed(f"every backend failed this request (last: {moved.backend}: {moved.reason})")
+        failed = EngineFailed(f"every backend failed this request (last: {moved.backend}: {moved.reason})")
+        failed.backend = moved.backend
+        return failed
 
     # --- serving -------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest, resume: bool = True) -> AsyncIterator[Served]:
@@ -267,6 +279,7 @@ class Router:
                 raise PromptTooLong(prepared.prompt_tokens, cap.max_context)
             ticket = await admission.acquire(min(prepared.prompt_tokens + request.max_tokens, cap.max_context))
         except Overloaded as exc:
+            exc.backend = route.name
             if not self.admission_settings.overflow:
                 raise
             raise _Moved(route.name, f"overflow: {exc}", refusal=exc) from exc
@@ -321,6 +334,9 @@ class Router:
 
     def _reraise(self, route: Route, permit: Permit, exc: BaseException, answer: _Answer) -> None:
         new = self._translate(route, permit, exc, answer)
+        for err in (new, getattr(new, "refusal", None)):
+            if isinstance(err, ApiError) and err.backend is None:
+                err.backend = route.name  # the client's answer names the engine that was involved
         if new is exc:
             raise exc
         raise new from exc

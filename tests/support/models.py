@@ -20,6 +20,7 @@ import importlib.resources
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -395,3 +396,17 @@ def _gguf_chat_template(path: Path) -> str:
 
     field = GGUFReader(str(path)).fields["tokenizer.chat_template"]
     return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def swapped_embedding(gguf: Path, out: Path) -> Path:
+    """A well-formed GGUF (same size, same data) whose token_embd tensor claims the transposed
+    shape: the planner reads it as usual, llama.cpp refuses to load it ("wrong shape")."""
+    data = bytearray(gguf.read_bytes())
+    name = b"token_embd.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    assert n_dims == 2
+    d0, d1 = struct.unpack_from("<QQ", data, at + 4)
+    struct.pack_into("<QQ", data, at + 4, d1, d0)
+    out.write_bytes(data)
+    return out

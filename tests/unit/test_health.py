@@ -39,7 +39,7 @@ KEY = "api-key-0123456789abcdef"
 def documented_metrics() -> set[str]:
     """Metric names from the table in docs/health.md (the contract with dashboards)."""
     text = (ROOT / "docs/health.md").read_text()
-    return set(re.findall(r"^\| `(node_agent_[a-z_]+)` \|", text, flags=re.M))
+    return set(re.findall(r"^\| `((?:node_agent_|vllm:)[a-z_]+)` \|", text, flags=re.M))
 
 
 def make(settings: dict, *backends, sampler=None):
