@@ -214,14 +214,15 @@ def gateway_config(
         url=(url or render.node_url(settings.server.host, settings.server.port)).rstrip("/"),
         chain=tuple(b.name for b in parts.backends),
         max_context=max(b.capacity().max_context for b in parts.backends),
-        has_api_key=settings.server.api_key is not None, has_health_token=settings.health.token is not None,
+        has_api_key=settings.server.api_key is not None, health_check_needs_token=settings.health.token is not None and not settings.health.open_health_check,
         answer_bound_s=settings.admission.queue_timeout_s + settings.router.first_token_timeout_s)
     err = Console(stderr=True)
     for note in parts.notes:
         err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-    if vllm_router and node.has_health_token:
-        err.print("[yellow]warning:[/] health.token is set; vllm-router's health checks send no credentials and "
-                  "would keep this node out (see the output)", highlight=False, soft_wrap=True)
+    if vllm_router and node.health_check_needs_token:
+        err.print("[yellow]warning:[/] health.open_health_check is off and health.token is set; vllm-router's health "
+                  "checks send no credentials and would keep this node out (see the output)", highlight=False,
+                  soft_wrap=True)
     sys.stdout.write(render.litellm(node) if litellm else render.vllm_router(node))
 
 

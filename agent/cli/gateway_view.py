@@ -29,7 +29,7 @@ class NodeView:
     chain: tuple[str, ...]  # the engines that will serve, in order
     max_context: int  # the longest context of the chain (what /v1/models says as max_model_len)
     has_api_key: bool
-    has_health_token: bool
+    health_check_needs_token: bool  # health.token set and health.open_health_check off
     answer_bound_s: float  # the longest a request waits for its first token: queue wait + first-token timeout
 
 
@@ -90,8 +90,8 @@ def vllm_router(node: NodeView) -> str:
         f"#   vllm-router --worker-urls {node.url} <the other nodes> --health-check-endpoint /health \\",
         "#     --health-check-interval-secs 10 --health-failure-threshold 3 --health-success-threshold 2",
     ]
-    if node.has_health_token:
-        lines.append("# WARNING: health.token is set on this node, and vllm-router sends no credentials on its "
-                     "health checks: it would see 401 and keep this node out. Leave health.token unset on "
-                     "nodes behind vllm-router (their health endpoints then answer anyone who can reach them).")
+    if node.health_check_needs_token:
+        lines.append("# WARNING: this node requires health.token on GET /health (health.open_health_check is off), "
+                     "and vllm-router sends no credentials on its health checks: it would see 401 and keep this "
+                     "node out. Turn health.open_health_check back on (GET /health then says only 200 or 503).")
     return _header(node, "--vllm-router") + "\n".join(lines) + "\n"

@@ -66,6 +66,7 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
     app.state.node = node
     app.state.settings = settings
     app.add_middleware(Gate, api_key=_secret(settings.server.api_key), health_token=_secret(settings.health.token),
+                       open_health_check=settings.health.open_health_check,
                        max_body_bytes=settings.server.max_request_bytes)
     app.add_middleware(RequestMetrics, telemetry=node.telemetry)  # refusals are counted too
     app.add_middleware(RetryHints)  # outermost: the gate's refusals say "do not retry" too

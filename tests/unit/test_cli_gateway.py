@@ -54,8 +54,11 @@ def test_vllm_router_gets_the_url_and_a_warning_when_a_health_token_would_lock_i
     assert urls == ["http://127.0.0.1:8123"]
     assert "--health-check-endpoint /health" in plain.stdout and "WARNING" not in plain.stdout
     token = "health-token-0123456789"
-    locked = invoke(tmp_path, NODE, "--vllm-router", env={"NODE_AGENT_HEALTH__TOKEN": token})
-    assert locked.exit_code == 0 and "WARNING: health.token is set" in locked.stdout
+    open_check = invoke(tmp_path, NODE, "--vllm-router", env={"NODE_AGENT_HEALTH__TOKEN": token})
+    assert open_check.exit_code == 0 and "WARNING" not in open_check.output  # GET /health stays open
+    locked = invoke(tmp_path, NODE, "--vllm-router", env={"NODE_AGENT_HEALTH__TOKEN": token,
+                                                           "NODE_AGENT_HEALTH__OPEN_HEALTH_CHECK": "false"})
+    assert locked.exit_code == 0 and "WARNING: this node requires health.token on GET /health" in locked.stdout
     assert token not in locked.output
 
 

@@ -209,6 +209,24 @@ def test_health_token_guards_health_and_is_separate_from_the_api_key(path):
     assert asyncio.run(go()) == [401, 401, 200, 401]
 
 
+@pytest.mark.parametrize("open_check, expected", [(True, [200, 200]), (False, [401, 200])])
+def test_get_health_is_open_by_default_even_with_a_health_token(open_check, expected):
+    app, node = make({"health": {"token": TOKEN, "open_health_check": open_check}}, FakeBackend("llamacpp"))
+
+    async def go():
+        await node.router.start()
+        try:
+            async with client(app) as c:
+                codes = [(await c.get("/health", headers=h)).status_code
+                         for h in ({}, {"authorization": f"Bearer {TOKEN}"})]
+                return codes, (await c.get("/health/ready")).status_code
+        finally:
+            await node.router.stop()
+
+    codes, ready = asyncio.run(go())
+    assert codes == expected and ready == 401  # /health/ready and the rest keep the token
+
+
 def test_node_id_is_derived_from_the_machine_id_and_stable(tmp_path):
     mid = tmp_path / "machine-id"
     mid.write_text("0123456789abcdef0123456789abcdef\n")
