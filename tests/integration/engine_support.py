@@ -11,7 +11,7 @@ from agent.catalog import load_hf_config, read_gguf
 from agent.hardware import detect
 from agent.planner import Pins
 from agent.planner.llamacpp import plan_llamacpp
-from agent.planner.vllm import plan_vllm_cpu
+from agent.planner.vllm_cpu import plan_vllm_cpu
 from agent.settings import Settings
 
 CHAT_PARIS = ({"role": "user", "content": "What is the capital of France? Answer in one word."},)
