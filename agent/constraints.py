@@ -114,3 +114,24 @@ def strict_tool_calls(tools: Iterable[Mapping[str, Any]], trigger: str, begin: s
         schema = {**tool_parameters(t), "x-guidance": JSON_OPTIONS}
         tags.append(llg.StructTag(trigger=trigger, begin=opening, grammar=schema, end=end))
     return _checked(llg.StructTag.to_grammar(tags, assume_special=special), "tools_strict", param)
+
+
+def regex(pattern: str, param: str = "structured_outputs.regex") -> Constraint:
+    """Output matches ``pattern`` (vLLM's ``structured_outputs.regex``)."""
+    return _checked("start: /" + _llg().regex_to_lark(pattern) + "/", "regex", param)
+
+
+def choice(options: list[str], param: str = "structured_outputs.choice") -> Constraint:
+    """Output is one of ``options`` exactly."""
+    return _checked("start: " + " | ".join(json.dumps(o) for o in options), "choice", param)
+
+
+def grammar(text: str, param: str = "grammar") -> Constraint:
+    """A GBNF (llama.cpp's) or Lark grammar, as llguidance reads both."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        lark = any_to_lark(text)
+    except Exception as exc:  # noqa: BLE001 - its parser raises plain exceptions on bad grammars
+        raise ConstraintError(f"{param}: the grammar cannot be read (GBNF or Lark): {exc}", param) from exc
+    return _checked(lark, "grammar", param)

@@ -78,7 +78,7 @@ class GenerationRequest:
     Sampling is explicit: every field has the value it means (``top_k`` 0 and ``min_p`` 0 are
     off), and each engine is given every one of them, so a request means the same on both
     (llama.cpp's own defaults, top_k 40 and min_p 0.05, are never used). ``logit_bias`` and
-    ``stop_token_ids`` are token ids of the vocabulary whose fingerprint is ``token_space``;
+    ``stop_token_ids`` (and ``allowed_token_ids``) are token ids of the vocabulary whose fingerprint is ``token_space``;
     only engines with that vocabulary serve the request. ``logprobs``: how many alternatives
     to report per generated token (0: only the sampled token's own), None: none. ``tools``
     are the OpenAI tool definitions the chat template renders (empty: none), and
@@ -103,6 +103,7 @@ class GenerationRequest:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()  # only these may be sampled (empty: any)
     include_stop_str_in_output: bool = False
     token_space: str = ""
     logprobs: int | None = None
@@ -145,7 +146,9 @@ class Features:
     ``continue_constrained``: it can resume a constrained answer after an ``assistant_prefix``;
     ``max_logprobs``: the most alternatives per token it reports; ``vocab``: a fingerprint of its
     token vocabulary ("" until started), ``vocab_size`` its size; ``chat_template``: the source of
-    its chat template (tool rendering and the tool-call parser follow it), None without one.
+    its chat template (tool rendering and the tool-call parser follow it), None without one;
+    ``special_tokens``: the texts of its added and control tokens (a tool-call marker such as
+    ``<tool_call>`` may be one).
     """
 
     constraints: bool = True
@@ -155,6 +158,7 @@ class Features:
     vocab: str = ""
     vocab_size: int = 0
     chat_template: str | None = None
+    special_tokens: frozenset[str] = frozenset()
 
     def refuses(self, request: GenerationRequest) -> str | None:
         """Why this engine cannot serve ``request`` as it runs now, or None."""

@@ -298,7 +298,7 @@ class LlamaCppBackend:
         return Features(constraints=True, continue_constrained=True,
                         max_logprobs=len(words.pieces) if words else 20,
                         vocab=words.fingerprint if words else "", vocab_size=len(words.pieces) if words else 0,
-                        chat_template=self._template)
+                        chat_template=self._template, special_tokens=words.special if words else frozenset())
 
     def capacity(self) -> Capacity:
         n = len(self._all) or self.plan.instances

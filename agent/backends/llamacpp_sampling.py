@@ -39,6 +39,7 @@ class Vocab:
     texts: list[str]  # the tokens as the vocabulary spells them (the fingerprint)
     eog: frozenset[int]  # end-of-generation tokens (EOS, EOT, ...)
     fingerprint: str
+    special: frozenset[str]  # texts of control and user-defined tokens
     _ll: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -49,7 +50,8 @@ class Vocab:
         n = llama_cpp.llama_vocab_n_tokens(vocab_ptr)
         size = 256
         buf = ctypes.create_string_buffer(size)
-        pieces, texts, eog = [], [], set()
+        pieces, texts, eog, special = [], [], set(), set()
+        marked = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
         for t in range(n):
             k = llama_cpp.llama_token_to_piece(vocab_ptr, t, buf, size, 0, False)
             if k < 0:  # longer than the buffer: ask again with the size it needs
@@ -61,7 +63,9 @@ class Vocab:
             texts.append(llama_cpp.llama_vocab_get_text(vocab_ptr, t).decode("utf-8", "replace"))
             if llama_cpp.llama_vocab_is_eog(vocab_ptr, t):
                 eog.add(t)
-        return cls(pieces, texts, frozenset(eog), vocab_fingerprint(texts))
+            if llama_cpp.llama_vocab_get_attr(vocab_ptr, t) & marked:
+                special.add(texts[-1])
+        return cls(pieces, texts, frozenset(eog), vocab_fingerprint(texts), frozenset(special))
 
     def ll_tokenizer(self, vocab_ptr: Any) -> Any:
         """llguidance's tokenizer for this vocabulary (about a second; built on first use)."""
@@ -91,6 +95,10 @@ class Processor:
         self.seen[np.asarray(prompt, dtype=np.int64)] = True
         self.bias = (np.asarray([t for t, _ in request.logit_bias], dtype=np.int64),
                      np.asarray([b for _, b in request.logit_bias], dtype=np.float32))
+        self.allowed = None
+        if request.allowed_token_ids:
+            self.allowed = np.zeros(len(vocab.pieces), dtype=bool)
+            self.allowed[np.asarray(request.allowed_token_ids, dtype=np.int64)] = True
         self.stoppers = np.asarray(sorted(vocab.eog | set(request.stop_token_ids)), dtype=np.int64)
         self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.mask = None
@@ -102,7 +110,8 @@ class Processor:
     @staticmethod
     def needed(request: GenerationRequest) -> bool:
         r = request
-        return bool(r.constraint or r.logprobs is not None or r.logit_bias or r.min_tokens or r.repetition_penalty != 1
+        return bool(r.constraint or r.logprobs is not None or r.logit_bias or r.min_tokens or r.allowed_token_ids
+                    or r.repetition_penalty != 1
                     or r.presence_penalty or r.frequency_penalty or r.temperature not in (0.0, 1.0))
 
     def accept(self, token: int) -> None:
@@ -131,7 +140,9 @@ class Processor:
             fill_next_token_bitmask(self.matcher, self.mask)
             allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[: len(x)].astype(bool)
             x[~allowed] = -np.inf
-        if r.logprobs is not None:  # after the grammar mask, before the rest: as vLLM's raw_logprobs
+        if self.allowed is not None:
+            x[~self.allowed] = -np.inf
+        if r.logprobs is not None:  # after the masks, before the rest: as vLLM's raw_logprobs
             m = x.max()
             lp = x - (m + np.log(np.exp(x - m).sum()))
             k = min(r.logprobs, len(lp))

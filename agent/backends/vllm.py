@@ -317,6 +317,7 @@ def sampling_params(request: GenerationRequest, max_tokens: int) -> Any:
         repetition_penalty=r.repetition_penalty, seed=r.seed, stop=list(r.stop),
         stop_token_ids=list(r.stop_token_ids), include_stop_str_in_output=r.include_stop_str_in_output,
         ignore_eos=r.ignore_eos, min_tokens=r.min_tokens, logit_bias=dict(r.logit_bias) or None,
+        allowed_token_ids=list(r.allowed_token_ids) or None,
         logprobs=r.logprobs,
         structured_outputs=StructuredOutputsParams(grammar=r.constraint.grammar) if r.constraint else None,
         output_kind=RequestOutputKind.DELTA,
@@ -350,6 +351,7 @@ def _features(engine: Any, tokenizer: Any) -> Features:
         continue_constrained=False, max_logprobs=int(cfg.model_config.max_logprobs),
         vocab=vocab_fingerprint([t or "" for t in texts]), vocab_size=len(texts),
         chat_template=getattr(tokenizer, "chat_template", None) or None,
+        special_tokens=frozenset(tokenizer.get_added_vocab()) | frozenset(tokenizer.all_special_tokens),
     )
 
 
