@@ -119,8 +119,8 @@ RULES: tuple[Rule, ...] = (
     _ok("ignore_eos", BOTH, "vllm", "generation goes on after an end token", "ignore_eos"),
     _ok("stop_token_ids", BOTH, "vllm", "token ids; same vocabulary required, as logit_bias", "stop_token_ids"),
     _ok("include_stop_str_in_output", BOTH, "vllm", "the matched stop string ends the text", "include_stop_str_in_output"),
-    _ok("allowed_token_ids", BOTH, "vllm", "only these ids may be sampled (a grammar over them on both engines); "
-        "same vocabulary required", "constraint"),
+    _ok("allowed_token_ids", BOTH, "vllm", "only these ids may be sampled (vLLM's own; llama.cpp masks the rest); "
+        "same vocabulary required", "allowed_token_ids"),
     _ok("chat_template_kwargs", (CHAT,), "vllm", "extra variables for the chat template on both", "chat_template_kwargs"),
     _ok("continue_final_message", (CHAT,), "vllm", "the last assistant message is continued, not answered",
         "assistant_prefix"),

@@ -142,9 +142,9 @@ class FakeBackend:
         if self.script.die_on_count:
             self._state.move(BackendState.FAILED, error="scripted death")
             raise BackendDied(f"{self.name} died")
-        n = len(self.tokenize(request))
+        words = self.tokenize(request)
         self.prepared.append(request)
-        return Prepared(n, request)
+        return Prepared(len(words), request, tuple(sum(map(ord, w)) % 64 for w in words))
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return (await self.prepare(request)).prompt_tokens
