@@ -76,10 +76,30 @@ def json_object() -> Constraint:
     return _checked("start: " + _schema_grammar({"type": "object"}), "json_object", "response_format")
 
 
+def closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its properties
+    and says nothing about others. For tool arguments: a function takes the parameters it
+    declares, and a small model given room for more fills its budget with invented ones (the
+    output still validates against the original schema)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: closed(v) if k not in ("properties", "$defs", "definitions", "patternProperties", "enum", "const")
+           else v for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), Mapping):
+            out[key] = {name: closed(sub) for name, sub in schema[key].items()}
+    if isinstance(schema.get("properties"), Mapping) and "additionalProperties" not in schema \
+            and "patternProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
 def tool_parameters(tool: Mapping[str, Any]) -> dict[str, Any]:
-    """A function tool's parameter schema (OpenAI: absent means no parameters)."""
+    """A function tool's parameter schema (OpenAI: absent means no parameters), ``closed``."""
     params = tool["function"].get("parameters")
-    return dict(params) if params else {"type": "object", "properties": {}}
+    return closed(dict(params)) if params else {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def tool_call(tool: Mapping[str, Any], param: str = "tools") -> Constraint:

@@ -22,6 +22,7 @@ import codecs
 import ctypes
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +74,9 @@ class Vocab:
             if self._ll is None:
                 from llguidance.llamacpp import lltokenizer_from_vocab
 
-                self._ll = lltokenizer_from_vocab(vocab_ptr, eos_token=sorted(self.eog) or None)
+                with warnings.catch_warnings():  # it calls llama_token_get_attr, deprecated, once per token
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._ll = lltokenizer_from_vocab(vocab_ptr, eos_token=sorted(self.eog) or None)
             return self._ll
 
     def token(self, t: int) -> tuple[str, bytes]:

@@ -325,9 +325,13 @@ def sampling_params(request: GenerationRequest, max_tokens: int) -> Any:
 
 
 def _logprobs(c: Any, k: int) -> tuple[TokenLogprob, ...]:
-    """vLLM's per-token logprob dicts (its top ``k`` by rank, plus the sampled token) as ours."""
+    """vLLM's per-token logprob dicts (its top ``k`` by rank, plus the sampled token) as ours. The
+    token that ended the answer (EOS or a stop id: no text) has none, as on llama.cpp."""
     out = []
-    for token_id, entry in zip(c.token_ids, c.logprobs or ()):
+    pairs = list(zip(c.token_ids, c.logprobs or ()))
+    if c.finish_reason == "stop" and not isinstance(c.stop_reason, str) and pairs:
+        pairs = pairs[:-1]
+    for token_id, entry in pairs:
         if not entry:
             continue
         ranked = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= k), key=lambda lp: lp.rank)
