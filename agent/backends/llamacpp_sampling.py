@@ -210,7 +210,8 @@ def generate(llm: Any, vocab: Vocab, prompt: list[int], request: GenerationReque
     r = request
     processor = Processor(r, vocab, prompt, matcher) if Processor.needed(r) else None
     text = Text(list(r.stop) + template_stops, r.include_stop_str_in_output)
-    llm.set_seed(r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little"))
+    # llama.cpp's sampler seed is 32 bits (a seed reproduces a sample on the same engine only)
+    llm.set_seed(r.seed & 0xFFFFFFFF if r.seed is not None else int.from_bytes(os.urandom(4), "little"))
     sampling = dict(temp=0.0 if r.temperature == 0 else 1.0, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                     typical_p=1.0, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,
                     logits_processor=[processor] if processor is not None else None)

@@ -116,6 +116,12 @@ def _sampling(body: _Body) -> dict[str, Any]:
     )
 
 
+def _min_within_max(request: GenerationRequest) -> None:
+    if request.min_tokens > request.max_tokens:
+        raise InvalidRequest(f"min_tokens: {request.min_tokens} is more than max_tokens ({request.max_tokens})",
+                             param="min_tokens")
+
+
 def _choices(base: GenerationRequest, n: int, first_index: int = 0) -> list[GenerationRequest]:
     if n == 1 and not first_index:
         return [base]
@@ -190,6 +196,7 @@ def chat_job(body: ChatCompletionRequest, request_id: str, default_max: int, fea
         messages=tuple(messages), assistant_prefix=prefix, logprobs=logprobs, constraint=constraint or tool_constraint,
         tools=tools, chat_template_kwargs=dict(body.chat_template_kwargs or {}), **_sampling(body),
         **_token_ids(body, features))
+    _min_within_max(base)
     check_chain(base, features, param="top_logprobs" if logprobs else None)
     log = {k: getattr(body, k) for k in ("user", "metadata", "safety_identifier", "prompt_cache_key")
            if getattr(body, k) is not None}
@@ -208,6 +215,7 @@ def completion_job(body: CompletionRequest, request_id: str, features: Sequence[
     for p, prompt in enumerate(prompts):
         base = GenerationRequest(request_id if len(prompts) == 1 else f"{request_id}-p{p}", prompt=prompt, **common)
         requests += _choices(base, n)
+    _min_within_max(requests[0])
     check_chain(requests[0], features, param="logprobs" if body.logprobs is not None else None)
     echo = [r.prompt or "" for r in requests] if body.echo else []
     log = {"user": body.user} if body.user else {}
