@@ -27,6 +27,7 @@ from agent.serving.openai import (
 )
 from agent.tools import parsers, render
 
+GREEDY_BELOW = 1e-5
 RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
                           "raise_exception", "tool_choice", "functions", "function_call"}
 
@@ -106,8 +107,10 @@ def _token_ids(body: _Body, features: list[Features]) -> dict[str, Any]:
 def _sampling(body: _Body) -> dict[str, Any]:
     top_k = body.top_k if body.top_k is not None else 0
     rep = body.repetition_penalty if body.repetition_penalty is not None else body.repeat_penalty
+    temperature = 1.0 if body.temperature is None else body.temperature
     return dict(
-        temperature=1.0 if body.temperature is None else body.temperature,
+        # below 1e-5 vLLM samples greedily (its _SAMPLING_EPS); llama.cpp would divide logits by it
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, top_k),
         min_p=body.min_p or 0.0, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=1.0 if rep is None else rep,
@@ -117,9 +120,16 @@ def _sampling(body: _Body) -> dict[str, Any]:
 
 
 def _min_within_max(request: GenerationRequest) -> None:
+    """Checks across fields that the engines would otherwise fail on, or answer differently."""
     if request.min_tokens > request.max_tokens:
         raise InvalidRequest(f"min_tokens: {request.min_tokens} is more than max_tokens ({request.max_tokens})",
                              param="min_tokens")
+    if request.constraint is not None:
+        # Once a grammar is complete only an end token may follow: masking it leaves nothing to sample.
+        for name, value in (("min_tokens", request.min_tokens), ("ignore_eos", request.ignore_eos)):
+            if value:
+                raise InvalidRequest(f"{name}: not with an output constraint, which decides where the answer ends",
+                                     param=name)
 
 
 def _choices(base: GenerationRequest, n: int, first_index: int = 0) -> list[GenerationRequest]:

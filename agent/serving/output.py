@@ -36,9 +36,17 @@ def job_usage(job: Job, lasts: list[Delta]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+LOGPROB_FLOOR = -9999.0  # a token the constraint forbids has -inf, which JSON cannot carry (vLLM's server floors it too)
+
+
+def _lp(value: float) -> float:
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR  # (NaN and -inf alike)
+
+
 def _chat_logprobs(entries: list[TokenLogprob]) -> list[dict]:
-    return [{"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
-             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top]} for e in entries]
+    return [{"token": e.token, "logprob": _lp(e.logprob), "bytes": list(e.bytes),
+             "top_logprobs": [{"token": t, "logprob": _lp(lp), "bytes": list(b)} for t, b, lp in e.top]}
+            for e in entries]
 
 
 def _completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, list]:
@@ -46,8 +54,8 @@ def _completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, 
     for e in entries:
         offsets.append(at)
         at += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+    return {"tokens": [e.token for e in entries], "token_logprobs": [_lp(e.logprob) for e in entries],
+            "top_logprobs": [{t: _lp(lp) for t, _, lp in e.top} for e in entries], "text_offset": offsets}
 
 
 class _Required:
