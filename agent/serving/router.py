@@ -76,6 +76,13 @@ class CannotHold(ApiError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class CannotHonour(CannotHold):
+    """No engine serving now can honour the request (a constraint, a constrained continuation,
+    a vocabulary: ``Features.refuses``); a 503 with Retry-After, not the client's fault (#12)."""
+
+    code = "capability_unavailable"
+
+
 @dataclass
 class Served:
     """One delta and the backend that produced it; counts are for the whole answer so far."""
@@ -217,8 +224,8 @@ class Router:
         unable = [f"{r.name}: {why}" for r in self.routes if r.name not in ({moved.backend} if moved else set())
                   and r.backend.state in SERVING and (why := r.backend.features().refuses(request))]
         if unable:
-            return CannotHold(f"no engine of this node can serve this request now ({'; '.join(unable)}; "
-                              f"{describe_states(self.routes)})", retry_after=5)
+            return CannotHonour(f"no engine of this node can serve this request now ({'; '.join(unable)}; "
+                                f"{describe_states(self.routes)})", retry_after=5)
         if moved is None:
             return NotReady(f"no backend can serve yet ({describe_states(self.routes)})")
         if moved.refusal is not None:
@@ -340,7 +347,7 @@ class Router:
         if isinstance(exc, InvalidInput):
             return InvalidRequest(str(exc), param=exc.param)
         if isinstance(exc, CannotServe):  # neither the client's fault nor the engine's: no breaker failure
-            return _Moved(route.name, f"CannotServe: {exc}", refusal=CannotHold(str(exc), retry_after=5))
+            return _Moved(route.name, f"CannotServe: {exc}", refusal=CannotHonour(str(exc), retry_after=5))
         if isinstance(exc, PromptTooLong):
             largest = max(r.backend.capacity().max_context for r in self.routes)
             if exc.max_context >= largest:

@@ -173,3 +173,11 @@ def test_token_ids_need_one_vocabulary_across_the_chain():
     assert "token ids differ between this node's engines" in r.json()["error"]["message"]
     r = post(COMPLETIONS, {**BASE[COMPLETIONS], "stop_token_ids": [640]})
     assert r.status_code == 400 and "outside this model's vocabulary" in r.json()["error"]["message"]
+
+
+def test_docs_list_every_field_with_its_policy():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    for rule in RULES:
+        assert f"| `{rule.name}` |" in doc and rule.how in doc, f"docs/serving.md does not list {rule.name}"
