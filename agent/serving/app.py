@@ -34,7 +34,7 @@ from agent.serving import answers
 from agent.serving.jobs import Job, chat_job, completion_job
 from agent.serving.openai import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from agent.serving.output import new_id
-from agent.serving.router import Router, Served, describe_states
+from agent.serving.router import Served, describe_states
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,6 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
         check_model(body.model)
         route = tokenizer_route()
-        messages = None
         if body.messages is not None:
             chat_body = ChatCompletionRequest(model=model_name, messages=body.messages, tools=body.tools,
                                               chat_template_kwargs=body.chat_template_kwargs)
