@@ -147,7 +147,14 @@ class Shaper:
         return out
 
     def finish_reason(self, last: Delta) -> str | None:
+        """"tool_calls" when the answer ended on complete calls; a named call whose arguments a
+        stop string or stop id cut short keeps "stop" (as one cut by max_tokens keeps "length")."""
         if self.calls and last.finish_reason == "stop":
+            if self.named is not None:
+                try:
+                    json.loads(self.text)
+                except ValueError:
+                    return "stop"
             return "tool_calls"
         return last.finish_reason
 

@@ -95,12 +95,32 @@ def test_the_next_turn_of_a_tool_loop_is_accepted_and_reaches_the_template():
 
 
 def test_n_choices_are_sequences_of_their_own_with_derived_seeds_and_usage_for_all():
-    backend = FakeBackend("vllm", Script(kv=40))  # room for one request at a time: the other waits its turn
-    r, _ = post({"messages": MSGS, "n": 3, "seed": 10, "max_tokens": 4}, backend)
-    body = r.json()
+    backend = FakeBackend("vllm", Script(delay=0.01))
+    app, router = app_and_router({}, backend)
+    peak = []
+
+    async def go():
+        await router.start()
+        try:
+            import httpx
+
+            async def watch():
+                while True:
+                    peak.append(router.routes[0].admission.reserved)
+                    await asyncio.sleep(0.002)
+            watcher = asyncio.create_task(watch())
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                r = await c.post("/v1/chat/completions", json={"model": "m", "messages": MSGS, "n": 3, "seed": 10,
+                                                               "max_tokens": 4})
+            watcher.cancel()
+            return r
+        finally:
+            await router.stop()
+    body = asyncio.run(go()).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert sorted(q.seed for q in backend.requests) == [10, 11, 12]
     prompt = len(backend.tokenize(backend.requests[0]))
+    assert max(peak) == 3 * (prompt + 4)  # n sequences reserve n times prompt + max_tokens of KV
     assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": 12, "total_tokens": prompt + 12}
 
 
