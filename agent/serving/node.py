@@ -97,6 +97,7 @@ class Node:
             "breaker": route.breaker.state,
             "breaker_detail": route.breaker.describe(),
             "last_error": health.last_error,
+            "features": _features(route.backend.features()),
             "kv_tokens": {"planned": self.plan.get(route.name, {}).get("kv_cache_tokens"),
                           "actual": cap.kv_tokens_total or None},
             "admission": {
@@ -114,6 +115,12 @@ class Node:
                 "vram_pressure_reason": self.monitor.pressure.get(route.name),
             },
         }
+
+
+def _features(f) -> dict:
+    return {"constraints": f.constraints, "constraints_reason": f.constraints_reason or None,
+            "continue_constrained": f.continue_constrained, "max_logprobs": f.max_logprobs,
+            "vocabulary": f.vocab or None}
 
 
 def plan_summary(backend) -> dict:

@@ -36,6 +36,7 @@ from agent.backends.base import (
     BackendError,
     BackendNotReady,
     BackendState,
+    CannotServe,
     Delta,
     EngineFault,
     GenerationRequest,
@@ -73,6 +74,13 @@ class CannotHold(ApiError):
 
     def __init__(self, message: str, retry_after: int = 30) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class CannotHonour(CannotHold):
+    """No engine serving now can honour the request (a constraint, a constrained continuation,
+    a vocabulary: ``Features.refuses``); a 503 with Retry-After, not the client's fault (#12)."""
+
+    code = "capability_unavailable"
 
 
 @dataclass
@@ -202,9 +210,11 @@ class Router:
         """Routes that could take a request now (serving, breaker not open), in chain order."""
         return [r for r in self.routes if r.backend.state in SERVING and r.breaker.state != OPEN]
 
-    def _pick(self, tried: set[str]) -> tuple[Route | None, Permit | None]:
+    def _pick(self, tried: set[str], request: GenerationRequest) -> tuple[Route | None, Permit | None]:
         for route in self.routes:
             if route.name in tried or route.backend.state not in SERVING:
+                continue
+            if route.backend.features().refuses(request):  # cannot honour it as it runs now (#12)
                 continue
             permit = route.breaker.permit()
             if permit is not None:
@@ -220,7 +230,12 @@ class Router:
         self.counters.switched(event, moved.kind)
         events.info(json.dumps({"event": "fallback", **event}))
 
-    def _nothing_left(self, moved: _Moved | None) -> ApiError:
+    def _nothing_left(self, moved: _Moved | None, request: GenerationRequest) -> ApiError:
+        unable = [f"{r.name}: {why}" for r in self.routes if r.name not in ({moved.backend} if moved else set())
+                  and r.backend.state in SERVING and (why := r.backend.features().refuses(request))]
+        if unable:
+            return CannotHonour(f"no engine of this node can serve this request now ({'; '.join(unable)}; "
+                                f"{describe_states(self.routes)})", retry_after=5)
         if moved is None:
             return NotReady(f"no backend can serve yet ({describe_states(self.routes)})")
         if moved.refusal is not None:
@@ -244,11 +259,11 @@ class Router:
             if answer.text and answer.remaining() <= 0:  # the failed engine had already produced it all
                 yield Served(moved.backend if moved else "", Delta("", "length", answer.prompt_tokens or 0, answer.tokens))
                 return
-            route, permit = self._pick(answer.tried)
+            route, permit = self._pick(answer.tried, answer.next_request())
             if moved is not None:
                 self._switch(request.request_id, moved, route.name if route else None)
             if route is None or permit is None:
-                raise refusal or self._nothing_left(moved)
+                raise refusal or self._nothing_left(moved, answer.next_request())
             answer.tried.add(route.name)
             with permit:
                 try:
@@ -348,6 +363,8 @@ class Router:
             return exc  # already decided, or the client left: the permit is given back neutrally
         if isinstance(exc, InvalidInput):
             return InvalidRequest(str(exc), param=exc.param)
+        if isinstance(exc, CannotServe):  # neither the client's fault nor the engine's: no breaker failure
+            return _Moved(route.name, f"CannotServe: {exc}", refusal=CannotHonour(str(exc), retry_after=5))
         if isinstance(exc, PromptTooLong):
             largest = max(r.backend.capacity().max_context for r in self.routes)
             if exc.max_context >= largest:
@@ -365,16 +382,19 @@ class Router:
     async def complete(self, request: GenerationRequest) -> tuple[str, str, Delta]:
         """A whole answer: (backend, text, last delta). A backend that dies mid-way is replaced by
         the next one, which starts over; the client sees one answer."""
-        parts: list[str] = []
+        backend, deltas = await self.complete_deltas(request)
+        return backend, "".join(d.text for d in deltas), deltas[-1]
+
+    async def complete_deltas(self, request: GenerationRequest) -> tuple[str, list[Delta]]:
+        """``complete``, keeping every delta of the answer (its logprobs, for one)."""
+        deltas: list[Delta] = []
         backend = ""
-        last: Delta | None = None
         async for served in self.stream(request, resume=False):
             if served.backend != backend:
-                parts, backend = [], served.backend  # a new backend started over
-            parts.append(served.delta.text)
-            last = served.delta
-        assert last is not None
-        return backend, "".join(parts), last
+                deltas, backend = [], served.backend  # a new backend started over
+            deltas.append(served.delta)
+        assert deltas
+        return backend, deltas
 
 
 def request_bytes(request: GenerationRequest) -> int:
