@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from agent.backends.base import Delta
+from agent.serving.attempts import Served
 from agent.serving.jobs import Job
 from agent.serving.output import (
     Shaper,
@@ -22,7 +23,7 @@ from agent.serving.output import (
     completion_response,
     job_usage,
 )
-from agent.serving.router import Router, Served
+from agent.serving.router import Router
 
 
 def shapers(job: Job) -> list[Shaper]:

@@ -25,17 +25,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import __version__
-from agent.serving.errors import ApiError, EngineFailed, InvalidRequest, ModelNotFound, NotReady
-from agent.serving.gate import Gate
-from agent.serving.metrics import CONTENT_TYPE, ENDPOINTS
-from agent.serving.node import Node
 from agent.backends.base import BackendError, GenerationRequest, InvalidInput
 from agent.serving import answers
+from agent.serving.attempts import Served
+from agent.serving.errors import ApiError, EngineFailed, InvalidRequest, ModelNotFound, NotReady
+from agent.serving.gate import Gate
 from agent.serving.jobs import Job, chat_job, completion_job
+from agent.serving.metrics import CONTENT_TYPE, ENDPOINTS
+from agent.serving.node import Node
 from agent.serving.openai import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from agent.serving.output import new_id
 from agent.serving.retry_hints import RetryHints
-from agent.serving.router import Served, describe_states
+from agent.serving.router import describe_states
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
