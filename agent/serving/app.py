@@ -42,13 +42,15 @@ from agent.settings import Settings
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("agent.requests")
 BACKEND_HEADER = "x-node-agent-backend"
+# how pydantic names a plain type of a union in an error's location (no request field has these names)
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "bytes", "none", "dict", "list"})
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = []
     for part in first.get("loc", ())[1:] if first.get("loc", ("",))[0] == "body" else first.get("loc", ()):
-        if isinstance(part, str) and ("[" in part or part[:1].isupper()):
+        if isinstance(part, str) and ("[" in part or part[:1].isupper() or part in _UNION_MEMBERS):
             break  # a union member's name (pydantic's), not a field
         loc.append(str(part))
     param = ".".join(loc) or None

@@ -46,6 +46,7 @@ def _no(name, endpoints, origin, why, *allowed) -> Rule:
 
 
 SAME = "the same value on both engines"
+ROUTER = "sglang, via vllm-router"
 RULES: tuple[Rule, ...] = (
     # --- OpenAI, both endpoints ---------------------------------------------------------------
     _ok("model", BOTH, "openai", "must be the served name (404 otherwise)", "response"),
@@ -170,6 +171,14 @@ RULES: tuple[Rule, ...] = (
     _no("session_id", BOTH, "vllm", "sessions are not supported"),
     _no("stream_interval", BOTH, "vllm", "every delta is streamed as it comes", 1),
     _no("vllm_xargs", BOTH, "vllm", "engine-specific arguments would apply to one engine of the chain only"),
+    # --- SGLang's, which vLLM's router (vllm-router) writes into every request at these defaults ---
+    _no("no_stop_trim", BOTH, ROUTER, "a matched stop string is trimmed; use include_stop_str_in_output "
+        "(false is accepted)", False),
+    _no("separate_reasoning", (CHAT,), ROUTER, "no reasoning parser: all text is content (true and false "
+        "are accepted)", True, False),
+    _no("stream_reasoning", (CHAT,), ROUTER, "no reasoning parser: nothing to hold back (true and false are "
+        "accepted)", True, False),
+    _no("return_hidden_states", BOTH, ROUTER, "hidden states are not returned (false is accepted)", False),
 )
 BY_ENDPOINT: dict[str, dict[str, Rule]] = {e: {r.name: r for r in RULES if e in r.endpoints} for e in BOTH}
 

@@ -82,6 +82,25 @@ def test_an_unknown_field_is_a_400_naming_it():
     assert "unknown field" in r.json()["error"]["message"]
 
 
+# What vllm-router 0.1.17 forwards for a plain client request: it re-serializes the body with its own
+# (SGLang-derived) request type, so these defaults arrive whatever the client sent (captured from
+# the router's Rust binary in front of a recording server).
+ROUTER_DEFAULTS = {
+    CHAT: {"stream": False, "logprobs": False, "no_stop_trim": False, "ignore_eos": False,
+           "continue_final_message": False, "skip_special_tokens": True, "separate_reasoning": True,
+           "stream_reasoning": True, "return_hidden_states": False, "include_reasoning": True},
+    COMPLETIONS: {"stream": False, "echo": False, "no_stop_trim": False, "ignore_eos": False,
+                  "skip_special_tokens": True, "return_hidden_states": False},
+}
+
+
+@pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS])
+def test_a_request_as_vllm_router_forwards_it_is_served(endpoint):
+    r = post(endpoint, {**BASE[endpoint], "max_tokens": 5, **ROUTER_DEFAULTS[endpoint]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 # Honoured fields: an example that must reach the GenerationRequest (attribute ``maps_to``) ...
 EXAMPLES = {
     "max_tokens": 7, "temperature": 0.3, "top_p": 0.5, "stop": ["x"], "seed": 5, "presence_penalty": 0.5,
