@@ -77,7 +77,16 @@ def smollm2_hf_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def quantizer_env_dir() -> Path:
-    """Where the quantizer's own environment lives for the tests (scripts/test makes it first; the
-    agent makes it itself, the way it does for users, when it is missing)."""
+    """Where the quantizer's own environment lives for the tests: scripts/test makes it first;
+    when it is missing it is made here once, by the agent's own code, as for users. Where
+    llm-compressor cannot be installed, the tests that run it skip and say why (the refusals,
+    checked before the environment is needed, do not use this fixture and still run)."""
+    from agent.quantize import env as qenv
+
     default = Path(__file__).resolve().parents[1] / ".cache" / "quantizer"
-    return Path(os.environ.get("NODE_AGENT_TEST_QUANTIZER", default)).absolute()
+    where = Path(os.environ.get("NODE_AGENT_TEST_QUANTIZER", default)).absolute()
+    try:
+        qenv.ensure(None, where, say=print)
+    except qenv.QuantizerUnavailable as e:
+        pytest.skip(f"the quantizer environment (llm-compressor) could not be made: {e}")
+    return where

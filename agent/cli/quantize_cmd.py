@@ -76,12 +76,13 @@ def quantize(
     q = result.quality
     if as_json:
         _emit({"event": "registered" if result.pull else "written", "path": str(result.path),
-               "repo": result.pull.repo if result.pull else None, "variant": prep.variant, "quality": q})
+               "repo": result.pull.repo if result.pull else None, "variant": prep.variant, "quality": q,
+               "reused": result.reused})
         return
     colour = "yellow" if q.get("degraded") else "green"
+    took = "already made, nothing redone" if result.reused else f"in {result.worker.done.get('seconds', 0):.0f} s"
     out_console.print(f"[{colour}]{'quantized (degraded)' if q.get('degraded') else 'quantized'}[/] "
-                      f"{escape(src.label)} → {escape(str(result.path))} in {result.worker.done.get('seconds', 0):.0f} s",
-                      highlight=False)
+                      f"{escape(src.label)} → {escape(str(result.path))} {took}", highlight=False)
     out_console.print(f"  {escape(describe(q))}", highlight=False)
     how = f"node-agent serve --model {src.ref}" if result.pull else f"node-agent serve --model {result.path}"
     out_console.print(f"  serve it with: {escape(how)}" + (" (the plan picks it when bf16 does not fit)"

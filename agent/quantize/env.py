@@ -208,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("env_dir", nargs="?", type=Path, default=None)
     args = parser.parse_args(argv)
-    q = ensure(None, args.env_dir or default_env_dir(), say=print)
+    try:
+        q = ensure(None, args.env_dir or default_env_dir(), say=print)
+    except QuantizerUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"quantizer: {q.python} ({q.where})")
     return 0
 

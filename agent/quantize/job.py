@@ -26,7 +26,7 @@ from agent.hub.local import damaged_files, hub_for, matches
 from agent.hub.refs import parse_ref
 from agent.hub.store import Pull, Store
 from agent.quantize import calibration, env, quality
-from agent.quantize.register import register, variant_commit, variant_repo
+from agent.quantize.register import register, variant_commit, variant_repo, variants
 from agent.quantize.runner import Progress, WorkerResult, run_worker
 from agent.quantize.schemes import Choice, Cost, choose, estimate
 from agent.settings import QuantizeSettings, Settings
@@ -100,6 +100,7 @@ class Result:
     pull: Pull | None  # the registration (None with --out)
     quality: dict
     worker: WorkerResult
+    reused: bool = False  # registered earlier from the same inputs; nothing ran
 
 
 def find_source(ref_text: str, settings: Settings) -> Source:
@@ -187,9 +188,20 @@ def job_for(prep: Prepared, out_dir: Path, threads: int | None = None) -> dict:
 
 def execute(prep: Prepared, settings: Settings, progress: Progress, say: Callable[[str], None] = log.info,
             on_event: Callable[[dict], None] | None = None) -> Result:
-    """Make the environment if needed, run the quantizer, check quality, register (or move to --out)."""
-    quantizer = env.ensure(settings.quantize.python, _env_dir(settings), say)
+    """Make the environment if needed, run the quantizer, check quality, register (or move to --out).
+
+    A variant already registered from the same inputs (weights, recipe, calibration, seed: its
+    commit) and intact on disk is returned as it is: quantizing again would give the same files."""
     store = Store(hub_for(settings))
+    if prep.out is None:
+        made = next(iter(variants(store, lambda p: p.repo == prep.repo and p.commit == prep.commit)), None)
+        if made is not None:
+            path = store.hub.snapshot(made.repo, made.commit)
+            say(f"{prep.repo} was already made from the same weights and settings; nothing to redo ({path})")
+            verdict = (made.quantized or {}).get("quality") or {"checked": False, "degraded": False}
+            return Result(prep, path, made, verdict, WorkerResult({"event": "done", "seconds": 0.0}, None, path),
+                          reused=True)
+    quantizer = env.ensure(settings.quantize.python, _env_dir(settings), say)
     parent = prep.out.parent if prep.out else store.hub.cache_dir
     parent.mkdir(parents=True, exist_ok=True)
     if prep.out and prep.out.exists() and any(prep.out.iterdir()):

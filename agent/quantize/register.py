@@ -55,10 +55,7 @@ def register(store: Store, staging: Path, ref: str, repo: str, variant: str, met
     for path in sorted(p for p in staging.iterdir() if p.is_file()):
         sha = _sha256(path)
         blob = blobs / sha
-        if blob.exists():
-            path.unlink()
-        else:
-            os.replace(path, blob)
+        os.replace(path, blob)  # over an existing blob too: it may be the damaged copy being remade
         entries.append((path.name, sha, blob.stat().st_size))
     snapshot = hub.snapshot(repo, commit)
     if snapshot.exists():  # an earlier run of the same inputs: its files give way

@@ -29,10 +29,16 @@ def events(stdout: str) -> list[dict]:
 
 
 @pytest.fixture
-def env(tmp_path, quantizer_env_dir):
+def bare_env(tmp_path):
+    """No quantizer environment yet (an empty env_dir): what the up-front refusals see."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith("NODE_AGENT_")},
-            "HF_HOME": str(tmp_path / "hf"), "NODE_AGENT_QUANTIZE__ENV_DIR": str(quantizer_env_dir),
+            "HF_HOME": str(tmp_path / "hf"), "NODE_AGENT_QUANTIZE__ENV_DIR": str(tmp_path / "quantizer"),
             "COLUMNS": "200"}
+
+
+@pytest.fixture
+def env(bare_env, quantizer_env_dir):
+    return {**bare_env, "NODE_AGENT_QUANTIZE__ENV_DIR": str(quantizer_env_dir)}
 
 
 def test_quantize_registers_a_local_variant_that_models_plan_and_rm_see(tiny_model, env):
@@ -64,8 +70,16 @@ def test_quantize_registers_a_local_variant_that_models_plan_and_rm_see(tiny_mod
     assert variant["quant"] == "awq-w4a16-g128" and variant["degraded"] is False
     assert variant["quantized"]["quality"]["perplexity"] == pytest.approx(q["perplexity"])
 
-    again = node_agent("quantize", str(tiny_model.hf_dir), *FAST, "--json", env=env)  # same inputs, same place
-    assert again.returncode == 0 and events(again.stdout)[-1]["path"] == done["path"]
+    again = node_agent("quantize", str(tiny_model.hf_dir), *FAST, "--json", env=env)  # same inputs: nothing redone
+    assert again.returncode == 0, again.stderr[-3000:]
+    ev2 = events(again.stdout)
+    assert ev2[-1]["path"] == done["path"] and ev2[-1]["reused"] is True and done["reused"] is False
+    assert not [e for e in ev2 if e["event"] in ("layers", "stage")]  # no worker ran
+    assert ev2[-1]["quality"]["perplexity"] == pytest.approx(q["perplexity"])
+    (path / "model.safetensors").resolve().write_bytes(b"damaged")  # a damaged variant is made again
+    third = node_agent("quantize", str(tiny_model.hf_dir), *FAST, "--json", env=env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert events(third.stdout)[-1]["reused"] is False and events(third.stdout)[-1]["path"] == done["path"]
     assert len([m for m in json.loads(node_agent("models", "--json", env=env).stdout)["models"] if m["quantized"]]) == 1
 
     gone = node_agent("rm", variant["repo"], env=env)
@@ -98,13 +112,16 @@ def test_layers_the_group_size_does_not_divide_stay_16_bit(tiny_model, env, tmp_
     assert json.loads(node_agent("models", "--json", env=env).stdout)["models"] == []
 
 
-def test_quantize_refuses_up_front_when_ram_is_short(tiny_model, env):
-    r = node_agent("quantize", str(tiny_model.hf_dir), env={**env, "NODE_AGENT_PLANNER__RAM_MARGIN_MIB": "1048576"})
+def test_quantize_refuses_up_front_when_ram_is_short(tiny_model, bare_env):
+    r = node_agent("quantize", str(tiny_model.hf_dir),
+                   env={**bare_env, "NODE_AGENT_PLANNER__RAM_MARGIN_MIB": "1048576"})
     assert r.returncode == 2
     assert "GiB of RAM" in r.stderr and "nothing" not in r.stdout and "Traceback" not in r.stderr
-    assert not any(Path(env["HF_HOME"]).rglob("*.safetensors"))
+    assert not any(Path(bare_env["HF_HOME"]).rglob("*.safetensors"))
+    assert not Path(bare_env["NODE_AGENT_QUANTIZE__ENV_DIR"]).exists()  # refused before making the environment
 
 
-def test_quantize_says_what_to_do_with_a_hub_reference_that_is_not_pulled(env):
-    r = node_agent("quantize", "qwen3-8b", env=env)
+def test_quantize_says_what_to_do_with_a_hub_reference_that_is_not_pulled(bare_env):
+    r = node_agent("quantize", "qwen3-8b", env=bare_env)
     assert r.returncode == 2 and "node-agent pull qwen3-8b" in r.stderr
+    assert not Path(bare_env["NODE_AGENT_QUANTIZE__ENV_DIR"]).exists()
