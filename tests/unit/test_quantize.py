@@ -158,3 +158,86 @@ def test_vllm_cpu_plans_a_w4a16_checkpoint_with_its_zero_points_and_needs_avx512
     assert ok.weights_bytes == pytest.approx(linear * per_param + 49152 * 576 * 2, rel=0.001)
     no = plan_vllm_cpu(dataclasses.replace(host, cpu_avx512=False), spec, s, 1, Pins())
     assert not no.fits and "only for AVX-512 CPUs" in no.refusal and "cpu_gemm_wna16" in no.refusal
+
+
+def test_health_ready_shows_the_quantization_serve_runs_before_its_engines(tmp_path):
+    """model.quantize: auto — /health/ready is 503 loading with progress.quantize (layers done,
+    ETA) fed by the worker's events, then the engines' own loading progress once it is done."""
+    import asyncio
+
+    import httpx
+
+    from agent.quantize.auto import Quantization
+    from agent.serving.app import create_app
+    from agent.serving.node import build_node
+    from agent.serving.router import Router
+    from tests.unit.fake_backend import FakeBackend
+
+    s = Settings()
+    q = Quantization(_prepared(SMOLLM2, tmp_path), s)
+    node = build_node(s, Router([FakeBackend("vllm")], s.router, s.admission), "m", hostname="box",
+                      progress_source=q.progress)
+    app = create_app(s, node)
+
+    async def ready() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.get("/health/ready")
+
+    for event in ({"event": "stage", "stage": "loading"}, {"event": "stage", "stage": "calibrating", "layers": 30},
+                  {"event": "layers", "done": 12, "total": 30}):
+        q.progress_.apply(event)
+    r = asyncio.run(ready())
+    assert r.status_code == 503 and r.headers["retry-after"]
+    body = r.json()
+    assert body["status"] == "loading" and body["reason"] == "quantizing m: calibrating, 12/30 layers"
+    p = body["progress"]["quantize"]
+    assert (p["stage"], p["layers_done"], p["layers_total"], p["percent"]) == ("calibrating", 12, 30, 40)
+    assert p["eta_s"] is not None and p["eta_s"] >= 0 and p["kind"] == "quantize"
+    q.result = object()  # done: the engines start next
+    body = asyncio.run(ready()).json()
+    assert body["status"] == "loading" and "quantize" not in body["progress"] and body["progress"]["backends_total"] == 1
+
+
+def test_v1_node_flags_a_degraded_checkpoint_made_here():
+    """serve runs a variant `node-agent quantize` made (agent/serving/run.py pick_checkpoint):
+    /v1/node names it with its quality check, and a degraded one says so, within the schema."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    import httpx
+    import jsonschema
+
+    from agent.hub.store import Pull
+    from agent.quantize.register import describe_variant
+    from agent.serving.app import create_app
+    from agent.serving.node import build_node
+    from agent.serving.router import Router
+    from tests.unit.fake_backend import FakeBackend
+
+    verdict = quality.verdict({"perplexity": 40.0, "perplexity_bf16": 10.0, "top1_agreement": 0.31}, 0.25)
+    pull = Pull("my-model", "vllm", "compressed-tensors", "awq-w2a16-g64", "node-agent-quantized/m-awq-w2a16-g64",
+                "quantized", "c" * 40, None, (), 0.0, quantized={"scheme": "awq-w2a16", "group_size": 64,
+                                                                  "quality": verdict})
+    s = Settings(profile="rtx3090", model={"quantize": "auto"})
+    primary = plan(detect("rtx3090"), resolve_model("deepseek-r1-distill-qwen-14b"), s).primary
+    backend = FakeBackend("vllm")
+    backend.plan = dataclasses.replace(primary, variant=describe_variant(pull))
+    app = create_app(s, build_node(s, Router([backend], s.router, s.admission), "m", hostname="box"))
+
+    async def node() -> dict:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return (await c.get("/v1/node")).json()
+
+    body = asyncio.run(node())
+    schema = json.loads((Path(__file__).resolve().parents[2] / "docs/schemas/node.schema.json").read_text())
+    jsonschema.validate(body, schema)
+    [cp] = [v["checkpoint"] for v in _walk(body) if isinstance(v, dict) and "checkpoint" in v]
+    assert cp["made_here"] and cp["degraded"] is True and cp["variant"] == "awq-w2a16-g64"
+    assert cp["quality"]["perplexity_increase"] == pytest.approx(3.0) and cp["quality"]["checked"]
+
+
+def _walk(x):
+    yield x
+    for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()):
+        yield from _walk(v)
