@@ -77,8 +77,8 @@ class QuantizeSettings(_Section):
     seq_len: int = Field(512, ge=32, le=16384, description="Longest calibration sample in tokens (longer are cut).")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the sample order and held-out split: the same "
                       "seed, model and settings give the same checkpoint.")
-    awq_grid: int = Field(20, ge=2, le=100, description="Scale candidates AWQ tries per layer group (llm-compressor's "
-                          "n_grid); fewer is faster and slightly worse.")
+    awq_grid: int = Field(20, ge=3, le=100, description="Scale candidates AWQ tries per layer group (llm-compressor's "
+                          "n_grid, which divides by n_grid - 2: at least 3); fewer is faster and slightly worse.")
     max_perplexity_increase: float = Field(
         0.25, gt=0, le=100, description="Quality guard: a result whose held-out perplexity exceeds the bf16 model's by "
         "more than this share is flagged degraded (kept, shown in `models` and /v1/node).")

@@ -111,7 +111,7 @@ def run_worker(quantizer: Quantizer, job: dict, job_path: Path, log_path: Path, 
                 elif kind == "error":
                     error = event
                 elif kind == "quality":
-                    quality = {k: v for k, v in event.items() if k != "event"}
+                    quality = {k: v for k, v in event.items() if k not in ("event", "at_s")}
             code = proc.wait()
         except BaseException:
             proc.kill()

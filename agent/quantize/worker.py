@@ -40,10 +40,12 @@ import traceback
 from pathlib import Path
 
 _EVENTS = None
+_STARTED = time.monotonic()
 
 
 def emit(event: str, **fields) -> None:
-    _EVENTS.write(json.dumps({"event": event, **fields}) + "\n")
+    """One event line; ``at_s``: seconds since the worker started (where the time goes, per stage)."""
+    _EVENTS.write(json.dumps({"event": event, **fields, "at_s": round(time.monotonic() - _STARTED, 1)}) + "\n")
     _EVENTS.flush()
 
 

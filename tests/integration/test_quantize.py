@@ -70,6 +70,13 @@ def test_quantize_registers_a_local_variant_that_models_plan_and_rm_see(tiny_mod
     assert variant["quant"] == "awq-w4a16-g128" and variant["degraded"] is False
     assert variant["quantized"]["quality"]["perplexity"] == pytest.approx(q["perplexity"])
 
+    # plan sees it: compressed-tensors is on offer for the directory only through the variant
+    # (without it: "--quantization compressed-tensors is not available for hf; available: none, fp8")
+    planned = node_agent("plan", "--model", str(tiny_model.hf_dir), "--profile", "rtx4090", "--engine", "vllm",
+                         "--quantization", "compressed-tensors", "--json", env=env)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert json.loads(planned.stdout)["quantization"] == "compressed-tensors"
+
     again = node_agent("quantize", str(tiny_model.hf_dir), *FAST, "--json", env=env)  # same inputs: nothing redone
     assert again.returncode == 0, again.stderr[-3000:]
     ev2 = events(again.stdout)

