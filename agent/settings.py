@@ -226,7 +226,7 @@ class ClusterSettings(_Section):
         0.5, ge=0.05, le=10, description="How often a worker agent reports to the head agent (and learns the "
         "head is alive).")
     heartbeat_timeout_s: float = Field(
-        3.0, ge=0.2, le=120, description="A worker (at the head) or the head (at a worker) silent this long is "
+        5.0, ge=0.2, le=120, description="A worker (at the head) or the head (at a worker) silent this long is "
         "lost: the head fails vLLM over to llama.cpp, a worker stops its engine and waits.")
     stall_timeout_s: float = Field(
         60.0, ge=1, le=3600, description="Requests running on the group with no token from it for this long "
