@@ -232,7 +232,8 @@ class ClusterSettings(_Section):
         60.0, ge=1, le=3600, description="Requests running on the group with no token from it for this long "
         "mean the group is dead (vLLM's own RPC timeout is 300 s): vLLM is failed and the group restarted.")
     join_timeout_s: float = Field(
-        600.0, ge=5, le=7200, description="How long a group start waits for every worker's engine to join.")
+        600.0, ge=5, le=7200, description="How long the head waits, at a group start, for every worker agent to "
+        "start its engine; the load itself is bounded by vLLM (VLLM_ENGINE_READY_TIMEOUT_S).")
 
     @property
     def enabled(self) -> bool:

@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -65,13 +64,12 @@ class HeadlessBackend:
 
     name = "vllm"
 
-    def __init__(self, link: HeadLink, model_dir: Path, model_name: str, physical_gpus: Mapping[int, int] | None = None,
-                 join_timeout_s: float = 600.0) -> None:
+    def __init__(self, link: HeadLink, model_dir: Path, model_name: str,
+                 physical_gpus: Mapping[int, int] | None = None) -> None:
         self.link = link
         self.model_dir = Path(model_dir)
         self.model_name = model_name
         self.physical_gpus = dict(physical_gpus or {})
-        self.join_timeout_s = join_timeout_s
         self.plan = None  # the head plans the group; /v1/node shows it there
         self._state = StateOwner(self.name)
         self._proc: subprocess.Popen | None = None
@@ -124,13 +122,11 @@ class HeadlessBackend:
             await self._fail_start("the head formed no group for this host")
         self._spec, self._done = spec, spec.epoch
         self._spawn(spec)
-        deadline = time.monotonic() + self.join_timeout_s
+        # No deadline of its own: the group loads for as long as the head's build takes (hundreds of
+        # GB of weights take minutes); the head ends the group if it fails, or goes silent.
         while (why := self._problem()) is None:
             r = self.link.reply
             if r.group == "running" and r.epoch == spec.epoch:
-                break
-            if time.monotonic() > deadline:
-                why = f"group {spec.epoch} did not start within {self.join_timeout_s:g} s"
                 break
             await asyncio.sleep(POLL_S)
         if why is not None:

@@ -34,6 +34,16 @@ def _settings_table(p: VllmPlan | LlamaCppPlan) -> Table:
     return t
 
 
+def _why(console: Console, reasons, refusals) -> None:
+    console.print("[bold]why[/]")
+    for line in reasons:
+        console.print(f"  - {escape(line)}", highlight=False)
+    if refusals:
+        console.print("[bold]refused[/]")
+        for line in refusals:
+            console.print(f"  - {escape(line)}", highlight=False)
+
+
 def render_plan(plan: NodePlan, host: HostInfo, console: Console) -> None:
     """The decision, the per-GPU memory, the reasons and what was refused."""
     p = plan.primary
@@ -53,13 +63,7 @@ def render_plan(plan: NodePlan, host: HostInfo, console: Console) -> None:
                       _gib(g.usable_bytes), _gib(g.weights_bytes), _gib(g.kv_bytes), _gib(g.activation_bytes),
                       _gib(g.overhead_bytes), str(g.layers))
         console.print(t)
-    console.print("[bold]why[/]")
-    for line in (*plan.reasons, *p.reasons):
-        console.print(f"  - {escape(line)}", highlight=False)
-    if plan.refusals:
-        console.print("[bold]refused[/]")
-        for line in plan.refusals:
-            console.print(f"  - {escape(line)}", highlight=False)
+    _why(console, (*plan.reasons, *p.reasons), plan.refusals)
     if plan.fallback is not None:
         f = plan.fallback
         state = (f"{f.quant_type} GGUF, n_gpu_layers {f.n_gpu_layers}, n_ctx {f.n_ctx}, {_gib(f.ram_bytes)} GiB RAM"
@@ -91,13 +95,7 @@ def render_cluster_plan(plan, console: Console) -> None:
                           str(g.layers), _gib(g.usable_bytes), _gib(g.weights_bytes), _gib(g.kv_bytes))
         console.print(t)
         console.print(f"every host exports VLLM_PP_LAYER_PARTITION={','.join(map(str, plan.partition))}")
-    console.print("[bold]why[/]")
-    for line in (*plan.reasons, *v.reasons):
-        console.print(f"  - {escape(line)}", highlight=False)
-    if plan.refusals:
-        console.print("[bold]refused[/]")
-        for line in plan.refusals:
-            console.print(f"  - {escape(line)}", highlight=False)
+    _why(console, (*plan.reasons, *v.reasons), plan.refusals)
     f = plan.fallback
     if f is not None:
         state = (f"{f.quant_type} GGUF {f.gguf_file}, n_gpu_layers {f.n_gpu_layers}, n_ctx {f.n_ctx}, "

