@@ -109,7 +109,9 @@ class ClusterVllmBackend(VllmBackend):
 
     def _form(self) -> None:
         hosts = self.coordinator.hosts()
-        plan = plan_cluster(hosts, self.model, self.settings, vllm_cpu=self.vllm_cpu, vllm_version=self.vllm_version)
+        # the fallback is its own backend, planned for this host from the GGUF on disk
+        plan = plan_cluster(hosts, self.model, self.settings, vllm_cpu=self.vllm_cpu, vllm_version=self.vllm_version,
+                            fallback=False)
         if not plan.fits:
             raise BackendStartError(self.name, f"the group cannot serve {self.model.name}: {plan.refusal}")
         self.cluster_plan = plan

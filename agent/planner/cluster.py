@@ -78,9 +78,10 @@ class ClusterPlan:
 
 
 def plan_cluster(hosts: Sequence[HostInfo], model: ModelSpec, settings: Settings, pins: Pins = Pins(),
-                 vllm_cpu: bool = False, vllm_version: str | None = None) -> ClusterPlan:
+                 vllm_cpu: bool = False, vllm_version: str | None = None, fallback: bool = True) -> ClusterPlan:
     """Plan ``model`` over ``hosts`` (rank order: the head first). ``vllm_cpu``: vLLM's CPU build is
-    what runs (every host without a GPU)."""
+    what runs (every host without a GPU). ``fallback``: also plan the head's llama.cpp from the
+    model's GGUFs (``serve`` plans it from the GGUF on disk instead)."""
     if len(hosts) < 2:
         raise PlanError("a cluster plan needs at least two hosts (--profile A --profile B ...)")
     if pins.engine == "llamacpp" or "vllm" not in settings.engines.chain:
@@ -94,13 +95,18 @@ def plan_cluster(hosts: Sequence[HostInfo], model: ModelSpec, settings: Settings
                                 f"release modelled"]
     without = [h for h in hosts if not h.gpus]
     if len(without) == len(hosts) and vllm_cpu:
-        return _plan_cpu(hosts, model, settings, pins, rules.label, notes)
-    if without:
+        plan = _plan_cpu(hosts, model, settings, pins, rules.label, notes)
+    elif without:
         names = ", ".join(f"{h.hostname} ({h.gpu_reason or 'no GPU'})" for h in without)
         why = (f"{names} has no GPU: one vLLM group runs on one platform, so every host needs GPUs "
                f"(or every host runs vLLM's CPU build)")
-        return _refused(model, hosts, settings, why)
-    return _plan_gpus(hosts, model, settings, pins, rules, notes)
+        plan = _refused(model, why)
+    else:
+        plan = _plan_gpus(hosts, model, settings, pins, rules, notes)
+    if not fallback:
+        return plan
+    head_plan, lines = plan_head_fallback(hosts[0], model, settings)
+    return dataclasses.replace(plan, fallback=head_plan, reasons=(*plan.reasons, *lines))
 
 
 # --- GPU hosts ---------------------------------------------------------------------------------
@@ -133,7 +139,7 @@ def _plan_gpus(hosts: Sequence[HostInfo], model: ModelSpec, settings: Settings, 
     refusals = vllm_refusals + refusals
     if chosen is None:
         why = "; ".join(vllm_refusals) or "no layout fits"
-        return _refused(model, hosts, settings, f"vLLM cannot serve {model.name} on these {len(hosts)} hosts: {why}",
+        return _refused(model, f"vLLM cannot serve {model.name} on these {len(hosts)} hosts: {why}",
                         tuple(refusals), tuple(reasons))
     members = _members(hosts, chosen, offsets, per_host)
     own = [f"rank {rank} ({h.hostname}): " + margin_reason(h.gpus[g.index], s, rank == 0 and "llamacpp" in settings.engines.chain)
@@ -148,9 +154,7 @@ def _plan_gpus(hosts: Sequence[HostInfo], model: ModelSpec, settings: Settings, 
                    f"PP={chosen.pipeline_parallel_size} across them (vLLM's advice for several nodes: TP within a "
                    f"node, PP across nodes); layers per host {split}")
     whole = dataclasses.replace(chosen, pp_layer_partition=_partition(chosen), reasons=tuple(kept))
-    fallback, fb_reasons = plan_head_fallback(hosts[0], model, settings)
-    reasons += fb_reasons
-    return ClusterPlan(model.name, True, whole, members, fallback, tuple(reasons), tuple(refusals))
+    return ClusterPlan(model.name, True, whole, members, None, tuple(reasons), tuple(refusals))
 
 
 def _group(hosts: Sequence[HostInfo], s, fallback: bool) -> tuple[list[GpuBudget], HostInfo, list[int]]:
@@ -270,9 +274,8 @@ def _plan_cpu(hosts: Sequence[HostInfo], model: ModelSpec, settings: Settings, p
                                 kv_cache_tokens=tokens, max_model_len=max_len, reasons=(),
                                 fits=base.fits and refusal is None, refusal=refusal or base.refusal)
     members = tuple(MemberPlan(rank, h.hostname, (), (rank,), split[rank], whole) for rank, h in enumerate(hosts))
-    fallback, fb_reasons = plan_head_fallback(hosts[0], model, settings)
-    return ClusterPlan(model.name, whole.fits, whole, members if whole.fits else (), fallback,
-                       tuple(reasons + fb_reasons), (), whole.refusal)
+    return ClusterPlan(model.name, whole.fits, whole, members if whole.fits else (), None, tuple(reasons), (),
+                       whole.refusal)
 
 
 # --- the head's fallback -----------------------------------------------------------------------
@@ -302,12 +305,10 @@ def plan_head_fallback(head: HostInfo, model: ModelSpec, settings: Settings) -> 
     return plan, [f"no fallback on the head ({head.hostname}): no GGUF of {model.name} fits there ({'; '.join(tried)})"]
 
 
-def _refused(model: ModelSpec, hosts: Sequence[HostInfo], settings: Settings, why: str,
-             refusals: tuple[str, ...] = (), reasons: tuple[str, ...] = ()) -> ClusterPlan:
+def _refused(model: ModelSpec, why: str, refusals: tuple[str, ...] = (), reasons: tuple[str, ...] = ()) -> ClusterPlan:
     empty = VllmPlan(
         fits=False, tensor_parallel_size=0, pipeline_parallel_size=0, pp_layer_partition=None, quantization="none",
         dtype=model.arch.dtype, kv_cache_dtype="auto", gpu_memory_utilization=0.0, max_model_len=0, max_num_seqs=0,
         max_num_batched_tokens=0, kv_cache_tokens=0, kv_bytes_per_token=0, weights_bytes=0, devices=(),
         disable_p2p=False, per_gpu=(), reasons=(), refusal=why)
-    fallback, fb_reasons = plan_head_fallback(hosts[0], model, settings)
-    return ClusterPlan(model.name, False, empty, (), fallback, (*reasons, *fb_reasons), refusals or (why,), why)
+    return ClusterPlan(model.name, False, empty, (), None, reasons, refusals or (why,), why)
