@@ -188,6 +188,10 @@ class HealthSettings(_Section):
         None, min_length=16, description="Bearer token required on /health*, /v1/node and /metrics (separate from "
         "server.api_key; unset: they are open, as a gateway's probes expect; never printed).",
     )
+    open_health_check: bool = Field(
+        True, description="GET /health answers without health.token: it says only 200 (an engine serves) or 503, as "
+        "vLLM's own server does, and vLLM's router and most gateways send no credentials on health checks.",
+    )
     node_id: str | None = Field(
         None, min_length=1, max_length=128,
         description="This node's id in /v1/node (default: derived from /etc/machine-id, else the hostname).",

@@ -1,4 +1,4 @@
-"""Health endpoints under generation load: /health/ready and /v1/node throughput and latency.
+"""Health endpoints under generation load: /health, /health/ready, /v1/node and /metrics throughput and latency.
 
     .venv/bin/python -m bench.health [--seconds 5] [--connections 8] [--streams 4] [--vllm]
 
@@ -94,7 +94,7 @@ def main() -> None:
         rows = []
         anchor = measure(url, "/health/live", args)
         rows.append(("/health/live (anchor)", "idle", *anchor))
-        for path in ("/health/ready", "/v1/node"):
+        for path in ("/health", "/health/ready", "/v1/node"):
             rows.append((path, "idle", *measure(url, path, args)))
         stop, produced = multiprocessing.Event(), multiprocessing.Value("q", 0)
         gen = multiprocessing.Process(target=_generate_forever, args=(url, args.streams, stop, produced))
@@ -102,7 +102,7 @@ def main() -> None:
         try:
             time.sleep(3)  # the streams are running
             before, t = produced.value, time.perf_counter()
-            for path in ("/health/ready", "/v1/node", "/metrics"):
+            for path in ("/health", "/health/ready", "/v1/node", "/metrics"):
                 rows.append((path, f"{args.streams} streams", *measure(url, path, args)))
             tok_s = (produced.value - before) / (time.perf_counter() - t)
         finally:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class BackendState(str, enum.Enum):
@@ -51,12 +52,37 @@ ALLOWED = {
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """Output the engine must produce, compiled and validated once by ``agent.constraints``.
+
+    ``grammar`` is a Lark grammar in llguidance's dialect (a JSON schema inside is ``%json {...}``).
+    vLLM gets it as ``StructuredOutputsParams(grammar=...)`` (its guidance backend compiles it
+    with llguidance); llama.cpp applies it through a logits processor over llguidance's matcher
+    for the same grammar. ``kind`` says what it is for ("json_schema", "json_object",
+    "tool_call", "tool_calls", "tools_strict"), for messages and logs only.
+    """
+
+    grammar: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A normalized request: the same for every engine, so failover re-dispatches it as is.
 
     Exactly one of ``prompt`` (completions) or ``messages`` (chat) is set. ``assistant_prefix`` is
     text already produced for this answer (continuation after a failover): the engine renders
-    the chat template, appends the prefix, and generates what follows it.
+    the chat template, appends the prefix, and generates what follows it (under ``constraint``
+    too, when the engine can: ``Features.continue_constrained``).
+
+    Sampling is explicit: every field has the value it means (``top_k`` 0 and ``min_p`` 0 are
+    off), and each engine is given every one of them, so a request means the same on both
+    (llama.cpp's own defaults, top_k 40 and min_p 0.05, are never used). ``logit_bias`` and
+    ``stop_token_ids`` (and ``allowed_token_ids``) are token ids of the vocabulary whose fingerprint is ``token_space``;
+    only engines with that vocabulary serve the request. ``logprobs``: how many alternatives
+    to report per generated token (0: only the sampled token's own), None: none. ``tools``
+    are the OpenAI tool definitions the chat template renders (empty: none), and
+    ``chat_template_kwargs`` extra variables for the template.
     """
 
     request_id: str
@@ -68,18 +94,84 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     assistant_prefix: str = ""
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()  # only these may be sampled (empty: any)
+    include_stop_str_in_output: bool = False
+    token_space: str = ""
+    logprobs: int | None = None
+    constraint: Constraint | None = None
+    tools: tuple[dict, ...] = ()
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives (best first), as
+    the engine's raw distribution gave them (before penalties and temperature, as vLLM's
+    default ``raw_logprobs``)."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class Delta:
     """One step of a generation: new text (one token's or several: stop-string hold-back and
     UTF-8 sequences release several at once), the prompt's token count, the completion tokens
-    generated so far (cumulative, on every delta), and on the last step why it ended."""
+    generated so far (cumulative, on every delta), and on the last step why it ended.
+    ``logprobs``: one entry per token this delta's text covers, when the request asked."""
 
     text: str
     finish_reason: str | None = None  # "stop" | "length" on the last delta
     prompt_tokens: int = 0
     completion_tokens: int = 0  # cumulative: tokens generated up to and including this delta
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Features:
+    """What one engine can honour as it runs now; the field policy and the router read it.
+
+    ``constraints``: it can apply a ``Constraint`` (``constraints_reason`` says why not);
+    ``continue_constrained``: it can resume a constrained answer after an ``assistant_prefix``;
+    ``max_logprobs``: the most alternatives per token it reports; ``vocab``: a fingerprint of its
+    token vocabulary ("" until started), ``vocab_size`` its size; ``chat_template``: the source of
+    its chat template (tool rendering and the tool-call parser follow it), None without one;
+    ``special_tokens``: the texts of its added and control tokens (a tool-call marker such as
+    ``<tool_call>`` may be one).
+    """
+
+    constraints: bool = True
+    constraints_reason: str = ""
+    continue_constrained: bool = False
+    max_logprobs: int = 20
+    vocab: str = ""
+    vocab_size: int = 0
+    chat_template: str | None = None
+    special_tokens: frozenset[str] = frozenset()
+
+    def refuses(self, request: GenerationRequest) -> str | None:
+        """Why this engine cannot serve ``request`` as it runs now, or None."""
+        if request.constraint is not None:
+            if not self.constraints:
+                return self.constraints_reason or "it cannot apply an output constraint"
+            if request.assistant_prefix and not self.continue_constrained:
+                return "it cannot continue a constrained answer after a failover"
+        if request.token_space and self.vocab != request.token_space:
+            return "its token vocabulary differs from the one the request's token ids refer to"
+        if request.logprobs is not None and request.logprobs > self.max_logprobs:
+            return f"it reports at most {self.max_logprobs} logprobs per token"
+        return None
 
 
 @dataclass(frozen=True)
@@ -95,6 +187,8 @@ class Capacity:
     # has at least B / max_token_bytes tokens, so one that cannot fit is refused by its size,
     # before any tokenization.
     max_token_bytes: int = 64
+    # Tokens per KV block: vLLM allocates its cache in blocks; llama.cpp per token (1).
+    kv_block_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -104,6 +198,7 @@ class Prepared:
 
     prompt_tokens: int
     data: object  # engine-private: token ids (and stop strings) ready to run
+    token_ids: tuple[int, ...] = ()  # the prompt's token ids (POST /tokenize)
 
 
 @dataclass(frozen=True)
@@ -115,6 +210,12 @@ class Health:
     last_error: str | None = None
     restarts: int = 0
     detail: dict = field(default_factory=dict)
+
+
+def vocab_fingerprint(tokens: list[str]) -> str:
+    """Of a vocabulary's token strings in id order: two engines with the same fingerprint number
+    the same tokens the same way (token ids in a request mean the same on both)."""
+    return hashlib.sha256("\x00".join(tokens).encode()).hexdigest()[:16]
 
 
 class BackendError(Exception):
@@ -150,6 +251,13 @@ class InvalidInput(BackendError):
     def __init__(self, message: str, param: str = "messages") -> None:
         super().__init__(message)
         self.param = param
+
+
+class CannotServe(BackendError):
+    """This engine cannot honour the request as it runs now (``Features.refuses`` says why: a
+    constraint on an engine that cannot apply one, a constrained continuation it cannot resume):
+    not the client's fault nor the engine's; the router tries the next engine and counts no
+    failure."""
 
 
 class PromptTooLong(BackendError):
@@ -223,6 +331,12 @@ class Backend(Protocol):
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """Prompt tokens as this engine's tokenizer counts them, chat template applied
         (``prepare(request).prompt_tokens``)."""
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """Text of ``token_ids`` in this engine's vocabulary; ``InvalidInput`` for an id outside it."""
+
+    def features(self) -> Features:
+        """What this engine can honour now (constraints, logprobs, its vocabulary, its template)."""
 
     def capacity(self) -> Capacity:
         """KV tokens and sequence slots, total and in use."""

@@ -6,7 +6,10 @@ blocking generator, and the instance goes back only when that thread is done. ``
 ``stop`` return only once the thread has let go of the instance, so a slot that admission frees
 is really free, and no instance is closed while a thread is inside it. Prompts are rendered
 (chat template from the GGUF) and tokenized on a thread of their own, so token counts, context
-checks and failover continuation behave the same as with vLLM.
+checks and failover continuation behave the same as with vLLM. Generation runs token by token
+(``llamacpp_sampling``): every sampling value explicit, logprobs, stop ids and output constraints
+(llguidance's matcher over the request's grammar, which also resumes a constrained answer after
+a failover: the text already sent is fed to the matcher first).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.backends import llamacpp_sampling as sampling
 from agent.backends.base import (
     BackendStartError,
     BackendState,
+    CannotServe,
     Capacity,
     Delta,
+    Features,
     GenerationRequest,
     Health,
     InvalidInput,
@@ -34,6 +40,7 @@ from agent.backends.base import (
 )
 from agent.backends.threads import Workers
 from agent.planner.types import LlamaCppPlan
+from agent.tools import render
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +97,8 @@ class LlamaCppBackend:
         self._all: list[Any] = []
         self._vocab: Any = None  # a vocab-only Llama: tokenizing never touches a busy context
         self._formatter: Any = None
+        self._template: str | None = None
+        self._words: sampling.Vocab | None = None
         self._running: dict[str, _Running] = {}
         self._n_ctx = plan.n_ctx
         self._max_token_bytes = 64
@@ -130,8 +139,10 @@ class LlamaCppBackend:
         self._vocab = llama_cpp.Llama(model_path=str(self.model_path), vocab_only=True, verbose=False)
         model = self._vocab._model
         self._max_token_bytes = max(len(model.token_get_text(i).encode()) for i in range(model.n_vocab()))
+        self._words = sampling.Vocab.read(model.vocab)
         first = instances[0]
         template = first.metadata.get("tokenizer.chat_template")
+        self._template = template or None
         if template:
             eos, bos = first.token_eos(), first.token_bos()
             self._formatter = Jinja2ChatFormatter(
@@ -159,30 +170,55 @@ class LlamaCppBackend:
             self._state.move(BackendState.STOPPED)
 
     # --- requests ------------------------------------------------------------------------
-    def _render(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
-        """Prompt token ids and extra stop strings, as llama-cpp-python's chat handler makes them."""
+    def _render(self, request: GenerationRequest) -> tuple[list[int], list[str], list[int]]:
+        """Prompt token ids, extra stop strings (as llama-cpp-python's chat handler makes them),
+        and the ids of the assistant prefix (tokenized on its own, so a constraint's matcher can
+        be fed exactly the text already sent)."""
         with boundary(self.name, rendering=True):
+            prefix = request.assistant_prefix
+            prefix_ids = self._vocab.tokenize(prefix.encode(), add_bos=False, special=False) if prefix else []
             if request.messages is None:
-                text = (request.prompt or "") + request.assistant_prefix
-                return self._vocab.tokenize(text.encode(), add_bos=True, special=True), []
+                ids = self._vocab.tokenize((request.prompt or "").encode(), add_bos=True, special=True)
+                return ids + prefix_ids, [], prefix_ids
             if self._formatter is None:
                 raise InvalidInput(f"{self.model_path.name} has no chat template; use /v1/completions")
-            result = self._formatter(messages=list(request.messages))
-            text = result.prompt + request.assistant_prefix
+            messages, tools = render.for_template(request.messages, request.tools, self._template)
+            result = self._formatter(messages=messages, tools=tools, **dict(request.chat_template_kwargs))
             stops = [] if result.stop is None else ([result.stop] if isinstance(result.stop, str) else list(result.stop))
-            return self._vocab.tokenize(text.encode(), add_bos=not result.added_special, special=True), stops
+            ids = self._vocab.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+            return ids + prefix_ids, stops, prefix_ids
 
     async def prepare(self, request: GenerationRequest) -> Prepared:
         self._state.require_serving()
-        tokens, stops = await self._tok.run(self._render, request)
-        return Prepared(len(tokens), (tokens, stops))
+        refusal = self.features().refuses(request)
+        if refusal:
+            raise CannotServe(f"{self.name}: {refusal}")
+        tokens, stops, prefix_ids = await self._tok.run(self._render, request)
+        return Prepared(len(tokens), (tokens, stops, prefix_ids), tuple(tokens))
+
+    def _matcher(self, request: GenerationRequest, prefix_ids: list[int]) -> Any:
+        """llguidance's matcher for the request's grammar, having consumed the text already sent."""
+        if request.constraint is None:
+            return None
+        import llguidance
+
+        assert self._words is not None
+        tokenizer = self._words.ll_tokenizer(self._vocab._model.vocab)
+        matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(request.constraint.grammar),
+                                       log_level=0)
+        if matcher.is_error():
+            raise CannotServe(f"{self.name}: the output constraint does not compile: {matcher.get_error()}")
+        if prefix_ids and not matcher.consume_tokens(prefix_ids):
+            raise CannotServe(f"{self.name}: the text already sent does not fit the output constraint as this "
+                              f"engine tokenizes it: {matcher.get_error()}")
+        return matcher
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return (await self.prepare(request)).prompt_tokens
 
     async def generate(self, request: GenerationRequest, prepared: Prepared | None = None) -> AsyncIterator[Delta]:
         self._state.require_serving()
-        tokens, stops = (prepared or await self.prepare(request)).data
+        tokens, stops, prefix_ids = (prepared or await self.prepare(request)).data
         n_prompt, n_ctx = len(tokens), self._n_ctx
         if n_prompt >= n_ctx:
             raise PromptTooLong(n_prompt, n_ctx)
@@ -193,9 +229,10 @@ class LlamaCppBackend:
         llm = None
         try:
             llm = await pool.get()
+            matcher = await self._tok.run(self._matcher, request, prefix_ids)
             queue: asyncio.Queue[Any] = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            run.worker = self._gen.submit(self._drive, llm, tokens, stops, request, run.cancel, queue, loop)
+            run.worker = self._gen.submit(self._drive, llm, tokens, stops, request, matcher, run.cancel, queue, loop)
             # The instance goes back when the thread is done, never earlier, whoever stops waiting.
             run.worker.add_done_callback(lambda _, llm=llm: pool.put_nowait(llm))
             with boundary(self.name):
@@ -205,9 +242,9 @@ class LlamaCppBackend:
                         break
                     if isinstance(item, BaseException):
                         raise item
-                    text, finish, generated = item
+                    text, finish, generated, logprobs = item
                     if finish is not None or text:
-                        yield Delta(text, finish, n_prompt, generated)
+                        yield Delta(text, finish, n_prompt, generated, logprobs)
         finally:
             run.cancel.set()  # the thread stops at its next token
             if run.worker is None:
@@ -220,42 +257,19 @@ class LlamaCppBackend:
                 # that left, under anyio), the callbacks above still give it back when it ends.
                 await asyncio.gather(asyncio.shield(run.worker), return_exceptions=True)
 
-    def _drive(self, llm: Any, tokens: list[int], stops: list[str], request: GenerationRequest,
+    def _drive(self, llm: Any, tokens: list[int], stops: list[str], request: GenerationRequest, matcher: Any,
                cancel: threading.Event, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-        """Generation thread: run the blocking generator, hand (text, finish, tokens so far) to the loop.
-
-        llama-cpp-python releases held-back text (stop strings, UTF-8 sequences) several tokens
-        at a time, so the token count comes from a stopping criterion, which it calls once per
-        sampled token with the ids so far; the same criterion stops the generation on cancel.
-        """
-        import llama_cpp
-
+        """Generation thread: run ``llamacpp_sampling.generate`` on the instance, handing
+        (text, finish, tokens so far, logprobs) to the loop; an error is handed over too and
+        typed at the boundary there."""
         put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
-        generated = [0]
-
-        def counted(ids: Any, _logits: Any) -> bool:
-            generated[0] = max(generated[0], len(ids) - len(tokens) + 1)
-            return cancel.is_set()
-
-        gen = None
         try:
-            gen = llm.create_completion(
-                prompt=tokens, max_tokens=request.max_tokens, temperature=request.temperature,
-                top_p=request.top_p, top_k=0, min_p=0.0, repeat_penalty=1.0,
-                stop=list(request.stop) + stops or None, seed=request.seed, stream=True,
-                stopping_criteria=llama_cpp.StoppingCriteriaList([counted]),
-            )
-            for chunk in gen:
-                if cancel.is_set():
-                    break
-                choice = chunk["choices"][0]
-                put((choice["text"], choice.get("finish_reason"), generated[0]))
+            assert self._words is not None
+            sampling.generate(llm, self._words, tokens, request, stops, matcher, cancel, put)
         except Exception as exc:  # noqa: BLE001 - handed to the loop, typed at the boundary there
             log.warning("llama.cpp generation %s failed: %s", request.request_id, exc)
             put(exc)
         finally:
-            if gen is not None:
-                gen.close()
             put(_DONE)
 
     async def abort(self, request_id: str) -> None:
@@ -267,7 +281,25 @@ class LlamaCppBackend:
         if run.worker is not None:
             await asyncio.gather(asyncio.shield(run.worker), return_exceptions=True)
 
+    async def detokenize(self, token_ids: list[int]) -> str:
+        words = self._words
+        if words is None:
+            self._state.require_serving()
+        assert words is not None
+        bad = [t for t in token_ids if not 0 <= t < len(words.pieces)]
+        if bad:
+            raise InvalidInput(f"token id {bad[0]} is outside this model's vocabulary (0-{len(words.pieces) - 1})",
+                               param="tokens")
+        return b"".join(words.pieces[t] for t in token_ids).decode("utf-8", "replace")
+
     # --- reporting -----------------------------------------------------------------------
+    def features(self) -> Features:
+        words = self._words
+        return Features(constraints=True, continue_constrained=True,
+                        max_logprobs=len(words.pieces) if words else 20,
+                        vocab=words.fingerprint if words else "", vocab_size=len(words.pieces) if words else 0,
+                        chat_template=self._template, special_tokens=words.special if words else frozenset())
+
     def capacity(self) -> Capacity:
         n = len(self._all) or self.plan.instances
         in_use = sum(min(r.reserved, self._n_ctx) for r in self._running.values())

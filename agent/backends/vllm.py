@@ -6,6 +6,12 @@ noticed within one poll (0.1 s) and the backend moves to failed; in-flight strea
 ``BackendDied``. Environment for the engine (devices, P2P, layer split, CPU KV space) is set
 while the engine spawns its processes, which inherit it. The HF fast tokenizer is not
 thread-safe ("Already borrowed", huggingface/tokenizers#537): it runs on one thread of its own.
+
+Output constraints go to vLLM's ``guidance`` structured-outputs backend as the request's Lark
+grammar (``agent.constraints``). On the CPU build with Model Runner V2 a grammar kills the
+EngineCore (vllm-project/vllm#51283): there ``features()`` says so and the router sends
+constrained requests to llama.cpp instead. vLLM cannot resume a constrained answer after a
+prefix (its matcher starts with the answer), so a constrained stream never fails over onto it.
 """
 
 from __future__ import annotations
@@ -25,18 +31,23 @@ from agent.backends.base import (
     BackendDied,
     BackendStartError,
     BackendState,
+    CannotServe,
     Capacity,
     Delta,
+    Features,
     GenerationRequest,
     Health,
+    InvalidInput,
     Prepared,
     PromptTooLong,
     StateOwner,
     boundary,
 )
 from agent.backends.threads import Workers
+from agent.backends.vllm_requests import engine_features, logprobs, sampling_params
 from agent.backends.vllm_measured import read_measurements
 from agent.planner.types import VllmPlan
+from agent.tools import render
 
 log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 0.1
@@ -95,6 +106,9 @@ def engine_args(plan: VllmPlan, model_dir: Path) -> dict[str, Any]:
         kv_cache_dtype=plan.kv_cache_dtype,
         disable_log_stats=True,
         enable_log_requests=False,
+        # Constraints arrive as llguidance Lark grammars (agent.constraints); "auto" would try
+        # xgrammar first, which does not read them.
+        structured_outputs_config={"backend": "guidance"},
     )
     if plan.quantization != "none":
         args["quantization"] = plan.quantization
@@ -125,8 +139,10 @@ class VllmBackend:
         self._tokenizer: Any = None
         self._monitor: asyncio.Task | None = None
         self._kv_tokens = 0
+        self._block_size = 16  # vLLM's default until the engine says
         self._max_len = plan.max_model_len if plan is not None else 0  # None: planned at start (a cluster)
         self._max_token_bytes = 64
+        self._features = Features(vocab="")
         self._active: dict[str, int] = {}  # request id -> reserved tokens
         self._aborting: dict[str, asyncio.Future] = {}
         self._lifecycle = Workers("vllm-life", 1)
@@ -164,10 +180,12 @@ class VllmBackend:
         finally:
             errors.close()
         cfg = self._engine.vllm_config
-        self._kv_tokens = int(cfg.cache_config.num_gpu_blocks or 0) * int(cfg.cache_config.block_size)
+        self._block_size = int(cfg.cache_config.block_size)
+        self._kv_tokens = int(cfg.cache_config.num_gpu_blocks or 0) * self._block_size
         self._max_len = int(cfg.model_config.max_model_len)
         self._tokenizer = self._engine.get_tokenizer()
         self._max_token_bytes = await self._tok.run(_longest_token_bytes, self._tokenizer)
+        self._features = await self._tok.run(engine_features, self._engine, self._tokenizer)
         if self.learn is not None:
             self.learn(await read_measurements(self._engine))
         self._monitor = asyncio.create_task(self._watch(), name="vllm-monitor")
@@ -225,30 +243,30 @@ class VllmBackend:
             tok = self._tokenizer
             if request.messages is None:
                 return tok.encode((request.prompt or "") + request.assistant_prefix)
-            text = tok.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+            messages, tools = render.for_template(request.messages, request.tools, self._features.chat_template)
+            text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                           **dict(request.chat_template_kwargs))
             return tok.encode(text + request.assistant_prefix, add_special_tokens=False)
 
     async def prepare(self, request: GenerationRequest) -> Prepared:
         self._state.require_serving()
+        refusal = self._features.refuses(request)
+        if refusal:
+            raise CannotServe(f"{self.name}: {refusal}")
         ids = await self._tok.run(self._prompt_ids, request)
-        return Prepared(len(ids), ids)
+        return Prepared(len(ids), ids, tuple(ids))
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return (await self.prepare(request)).prompt_tokens
 
     async def generate(self, request: GenerationRequest, prepared: Prepared | None = None) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self._state.require_serving()
         ids = (prepared or await self.prepare(request)).data
         if len(ids) >= self._max_len:
             raise PromptTooLong(len(ids), self._max_len)
-        params = SamplingParams(
-            max_tokens=min(request.max_tokens, self._max_len - len(ids)), temperature=request.temperature,
-            top_p=request.top_p, stop=list(request.stop), seed=request.seed, output_kind=RequestOutputKind.DELTA,
-        )
+        params = sampling_params(request, min(request.max_tokens, self._max_len - len(ids)))
         rid = request.request_id
         self._active[rid] = len(ids) + params.max_tokens
         finished = False
@@ -260,7 +278,8 @@ class VllmBackend:
                     done += len(c.token_ids)
                     finished = out.finished
                     if finished or c.text:
-                        yield Delta(c.text, (c.finish_reason or "stop") if finished else None, len(ids), done)
+                        yield Delta(c.text, (c.finish_reason or "stop") if finished else None, len(ids), done,
+                                    logprobs(c, request.logprobs) if request.logprobs is not None else ())
         except BackendDied:
             if self._state.state in (BackendState.READY, BackendState.DEGRADED):
                 self._state.move(BackendState.FAILED, error="vLLM EngineCore died")
@@ -281,12 +300,23 @@ class VllmBackend:
         elif self._engine is not None and request_id in self._active and not self._engine.errored:
             await self._engine.abort(request_id)
 
+    async def detokenize(self, token_ids: list[int]) -> str:
+        self._state.require_serving()
+        size = self._features.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < size]
+        if bad:
+            raise InvalidInput(f"token id {bad[0]} is outside this model's vocabulary (0-{size - 1})", param="tokens")
+        return await self._tok.run(self._tokenizer.decode, token_ids)
+
     # --- reporting -----------------------------------------------------------------------
+    def features(self) -> Features:
+        return self._features
+
     def capacity(self) -> Capacity:
         in_use = sum(min(v, self._max_len) for v in self._active.values())
         return Capacity(kv_tokens_total=self._kv_tokens, kv_tokens_in_use=in_use, max_context=self._max_len,
                         slots_total=self.plan.max_num_seqs, slots_in_use=len(self._active),
-                        max_token_bytes=self._max_token_bytes)
+                        max_token_bytes=self._max_token_bytes, kv_block_size=self._block_size)
 
     def health(self) -> Health:
         return self._state.health({"model": self.model_name, "engine_pid": self.engine_pid,

@@ -232,6 +232,45 @@ def serve(
     raise typer.Exit(code)
 
 
+@app.command("gateway-config")
+def gateway_config(
+    litellm: Annotated[bool, typer.Option("--litellm", help="A LiteLLM model_list entry for this node.")] = False,
+    vllm_router: Annotated[bool, typer.Option("--vllm-router", help="This node's URL for vllm-router's --worker-urls, with the flags that fit it.")] = False,
+    url: Annotated[Optional[str], typer.Option("--url", help="Base URL the gateway reaches this node at (default: http://<server.host>:<server.port>; a wildcard bind: this host's name).")] = None,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print the config block a gateway needs for this node, as it is planned (docs/gateway.md)."""
+    from agent.cli import gateway_view as render
+    from agent.hardware import detect as detect_host
+    from agent.serving.node import default_node_id
+    from agent.serving.run import assemble
+
+    if litellm == vllm_router:
+        fail(UsageError("choose one gateway: --litellm or --vllm-router"))
+    settings = load(config, {"profile": profile} if profile else None)
+    try:
+        host = detect_host(settings.profile)
+        parts = assemble(settings, host)
+    except NodeAgentError as exc:
+        fail(exc)
+    node = render.NodeView(
+        node_id=settings.health.node_id or default_node_id(), hostname=host.hostname, model_name=parts.model_name,
+        url=(url or render.node_url(settings.server.host, settings.server.port)).rstrip("/"),
+        chain=tuple(b.name for b in parts.backends),
+        max_context=max(b.capacity().max_context for b in parts.backends),
+        has_api_key=settings.server.api_key is not None, health_check_needs_token=settings.health.token is not None and not settings.health.open_health_check,
+        answer_bound_s=settings.admission.queue_timeout_s + settings.router.first_token_timeout_s)
+    err = Console(stderr=True)
+    for note in parts.notes:
+        err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    if vllm_router and node.health_check_needs_token:
+        err.print("[yellow]warning:[/] health.open_health_check is off and health.token is set; vllm-router's health "
+                  "checks send no credentials and would keep this node out (see the output)", highlight=False,
+                  soft_wrap=True)
+    sys.stdout.write(render.litellm(node) if litellm else render.vllm_router(node))
+
+
 @app.command("config")
 def show_config(
     config: ConfigOpt = None,

@@ -25,35 +25,44 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import __version__
-from agent.serving.errors import ApiError, InvalidRequest, ModelNotFound
+from agent.backends.base import BackendError, GenerationRequest, InvalidInput
+from agent.serving import answers
+from agent.serving.attempts import Served
+from agent.serving.errors import ApiError, EngineFailed, InvalidRequest, ModelNotFound, NotReady
 from agent.serving.gate import Gate
+from agent.serving.jobs import Job, chat_job, completion_job
 from agent.serving.metrics import CONTENT_TYPE, ENDPOINTS
 from agent.serving.node import Node
-from agent.serving.openai import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    chat_chunk,
-    chat_response,
-    completion_chunk,
-    completion_response,
-    new_id,
-    usage,
-)
-from agent.serving.router import Router, Served
+from agent.serving.openai import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from agent.serving.output import new_id
+from agent.serving.retry_hints import RetryHints
+from agent.serving.router import describe_states
 from agent.settings import Settings
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("agent.requests")
 BACKEND_HEADER = "x-node-agent-backend"
+# how pydantic names a plain type of a union in an error's location (no request field has these names)
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "bytes", "none", "dict", "list"})
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = []
+    for part in first.get("loc", ())[1:] if first.get("loc", ("",))[0] == "body" else first.get("loc", ()):
+        if isinstance(part, str) and ("[" in part or part[:1].isupper() or part in _UNION_MEMBERS):
+            break  # a union member's name (pydantic's), not a field
+        loc.append(str(part))
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid request")
+    msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return InvalidRequest(f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", param=None)
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    if param is None:  # a check across fields says which one it is about: "field: why"
+        name, sep, _ = msg.partition(":")
+        if sep and name.isidentifier():
+            return InvalidRequest(msg, param=name)
     return InvalidRequest(f"{param or 'body'}: {msg}", param=param)
 
 
@@ -65,14 +74,17 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
     app.state.node = node
     app.state.settings = settings
     app.add_middleware(Gate, api_key=_secret(settings.server.api_key), health_token=_secret(settings.health.token),
+                       open_health_check=settings.health.open_health_check,
                        max_body_bytes=settings.server.max_request_bytes)
-    app.add_middleware(RequestMetrics, telemetry=node.telemetry)  # outermost: refusals are counted too
+    app.add_middleware(RequestMetrics, telemetry=node.telemetry)  # refusals are counted too
+    app.add_middleware(RetryHints)  # outermost: the gate's refusals say "do not retry" too
     log_prompts = settings.server.log_prompts
     default_max = settings.admission.default_max_tokens
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        headers = {**exc.headers, BACKEND_HEADER: exc.backend} if exc.backend else exc.headers
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -97,16 +109,17 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
     health = APIRouter()
 
-    def log_request(endpoint: str, gen) -> None:
+    def log_request(endpoint: str, job: Job) -> None:
         """server.log_prompts: the text, as one JSON line at INFO; off: sizes only, at DEBUG."""
+        gen = job.requests[0]
         if log_prompts:
             request_log.info(json.dumps({"event": "request", "request_id": gen.request_id, "endpoint": endpoint,
-                                         "max_tokens": gen.max_tokens, "prompt": gen.prompt,
-                                         "messages": gen.messages}))
+                                         "max_tokens": gen.max_tokens, "n": len(job.requests), "prompt": gen.prompt,
+                                         "messages": gen.messages, **job.log}))
         elif request_log.isEnabledFor(logging.DEBUG):
-            chars = len(gen.prompt or "") + sum(len(m["content"]) for m in gen.messages or ())
-            request_log.debug("request %s %s: %d prompt characters, max_tokens %d", gen.request_id, endpoint,
-                              chars, gen.max_tokens)
+            chars = len(gen.prompt or "") + sum(len(m.get("content") or "") for m in gen.messages or ())
+            request_log.debug("request %s %s: %d prompt characters, max_tokens %d, %d choices %s", gen.request_id,
+                              endpoint, chars, gen.max_tokens, len(job.requests), json.dumps(job.log))
 
     def log_answer(request_id: str, backend: str, text: str, last) -> None:
         if log_prompts:
@@ -114,85 +127,111 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
                                          "text": text, "finish_reason": last.finish_reason if last else None,
                                          "completion_tokens": last.completion_tokens if last else 0}))
 
-    async def logged(request_id: str, events: AsyncIterator[Served]) -> AsyncIterator[Served]:
+    async def logged(request_id: str, events: AsyncIterator[tuple[int, Served]]) -> AsyncIterator[tuple[int, Served]]:
         """The stream, passed through; its text is logged when it ends (server.log_prompts)."""
         parts, backend, last = [], "", None
         try:
-            async for served in events:
+            async for i, served in events:
                 # No reset on a new backend: a stream continues after a failover, so the client's
                 # answer is everything yielded, from both engines.
                 backend = served.backend
                 parts.append(served.delta.text)
                 last = served.delta
-                yield served
+                yield i, served
         finally:
             await events.aclose()  # the router releases the request's KV and aborts the engine
             log_answer(request_id, backend, "".join(parts), last)
 
-    async def answer(raw: Request, endpoint: str, gen, stream: bool, whole, frame):
-        """Both endpoints: one JSON answer built by ``whole(text, last)``, or an SSE stream of
-        ``frame`` chunks; the backend is named in the header either way."""
-        log_request(endpoint, gen)
-        if not stream:
-            result = await _unless_disconnected(raw, router.complete(gen))
+    async def answer(raw: Request, endpoint: str, job: Job, rid: str):
+        """Both endpoints: one JSON answer, or an SSE stream; the backend is named in the header
+        (with n choices: the one that answered the first)."""
+        log_request(endpoint, job)
+        if not job.stream:
+            result = await _unless_disconnected(raw, answers.complete(router, job))
             if result is None:
-                log.info("request %s: the client left; aborted", gen.request_id)
+                log.info("request %s: the client left; aborted", rid)
                 return Response(status_code=499)
-            backend, text, last = result
-            log_answer(gen.request_id, backend, text, last)
-            return JSONResponse(whole(text, last), headers={BACKEND_HEADER: backend})
-        events = router.stream(gen)
-        return await _sse(logged(gen.request_id, events) if log_prompts else events, frame)
+            backend, results = result
+            log_answer(rid, backend, "".join(d.text for d in results[0]), results[0][-1])
+            return JSONResponse(answers.whole(job, rid, model_name, results), headers={BACKEND_HEADER: backend})
+        events = answers.merged(router, job)
+        frames = answers.Frames(job, rid, model_name, int(time.time()))
+        return await _sse(logged(rid, events) if log_prompts else events, frames)
 
-    def check_model(name: str) -> None:
-        if name != model_name:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
             raise ModelNotFound(f"model {name!r} is not served here; this node serves {model_name!r}", param="model")
+
+    def chain_features() -> list:
+        return [r.backend.features() for r in router.routes]
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "node-agent",
+                "max_model_len": node.max_model_len()}
 
     @v1.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "node-agent"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise ModelNotFound(f"model {model_id!r} is not served here; this node serves {model_name!r}",
+                                param="model")
+        return model_card()
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
         check_model(body.model)
         rid = new_id("chatcmpl")
-        gen = body.to_generation(rid, default_max)
-        created = int(time.time())
-
-        def frame(served: Served | None, first: bool) -> list[dict]:
-            if served is None:
-                return []
-            d = served.delta
-            out = []
-            if first:
-                out.append(chat_chunk(rid, model_name, created, {"role": "assistant", "content": ""}, None))
-            if d.text or d.finish_reason:
-                out.append(chat_chunk(rid, model_name, created, {"content": d.text} if d.text else {},
-                                      d.finish_reason))
-            if d.finish_reason and body.include_usage():
-                out.append(chat_chunk(rid, model_name, created, {}, None, usage(d)))
-            return out
-        return await answer(raw, "/v1/chat/completions", gen, body.stream,
-                            lambda text, last: chat_response(rid, model_name, text, last), frame)
+        return await answer(raw, "/v1/chat/completions", chat_job(body, rid, default_max, chain_features()), rid)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
         rid = new_id("cmpl")
-        gen = body.to_generation(rid)
-        created = int(time.time())
+        return await answer(raw, "/v1/completions", completion_job(body, rid, chain_features()), rid)
 
-        def frame(served: Served | None, first: bool) -> list[dict]:
-            if served is None:
-                return []
-            d = served.delta
-            out = [completion_chunk(rid, model_name, created, d.text, d.finish_reason)]
-            if d.finish_reason and body.include_usage():
-                out.append(completion_chunk(rid, model_name, created, "", None, usage(d)))
-            return out
-        return await answer(raw, "/v1/completions", gen, body.stream,
-                            lambda text, last: completion_response(rid, model_name, text, last), frame)
+    def tokenizer_route():
+        serving = router.serving()
+        if not serving:
+            raise NotReady(f"no backend can tokenize yet ({describe_states(router.routes)})")
+        return serving[0]
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        check_model(body.model)
+        route = tokenizer_route()
+        if body.messages is not None:
+            chat_body = ChatCompletionRequest(model=model_name, messages=body.messages, tools=body.tools,
+                                              chat_template_kwargs=body.chat_template_kwargs)
+            gen = chat_job(chat_body, new_id("tok"), 1, chain_features()).requests[0]
+        else:
+            gen = GenerationRequest(new_id("tok"), 1, prompt=body.prompt)
+        prepared = await _typed(route.backend.prepare(gen))
+        ids = list(prepared.token_ids)
+        out = {"count": len(ids), "max_model_len": route.backend.capacity().max_context, "tokens": ids,
+               "token_strs": None}
+        if body.return_token_strs:
+            out["token_strs"] = [await route.backend.detokenize([t]) for t in ids]
+        return JSONResponse(out, headers={BACKEND_HEADER: route.name})
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        check_model(body.model)
+        route = tokenizer_route()
+        text = await _typed(route.backend.detokenize(body.tokens))
+        return JSONResponse({"prompt": text}, headers={BACKEND_HEADER: route.name})
+
+    @health.get("/health")
+    async def health_probe() -> Response:
+        # vLLM's server semantics, for the routers that poll it: 200 and no body while some engine
+        # serves, else 503. As cheap as /health/ready (no engine call).
+        r = node.monitor.compute_readiness()
+        if r.serving:
+            return Response(status_code=200)
+        return JSONResponse({"status": r.status, "reason": r.reason}, status_code=503,
+                            headers={"Retry-After": _retry_after(r)})
 
     @health.get("/health/live")
     async def live() -> dict:
@@ -214,7 +253,7 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             body["progress"] = r.progress
         if r.cluster:
             body["cluster"] = r.cluster
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5" if r.status == "loading" else "30"})
+        return JSONResponse(body, status_code=503, headers={"Retry-After": _retry_after(r)})
 
     @health.get("/v1/node")
     async def node_report() -> JSONResponse:
@@ -261,6 +300,11 @@ class RequestMetrics:
             self.telemetry.request_done(path, seen["backend"], seen["status"], time.monotonic() - started)
 
 
+def _retry_after(readiness) -> str:
+    """Seconds a 503 from the health endpoints asks a prober to wait: soon while loading."""
+    return "5" if readiness.status == "loading" else "30"
+
+
 def _secret(value) -> str | None:
     return value.get_secret_value() if value is not None else None
 
@@ -290,7 +334,17 @@ async def _unless_disconnected(request: Request, work):
     return None
 
 
-async def _sse(events: AsyncIterator[Served], frame) -> StreamingResponse:
+async def _typed(work):
+    """``await work`` (a backend call outside the router), its typed errors as HTTP errors."""
+    try:
+        return await work
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from exc
+    except BackendError as exc:
+        raise EngineFailed(f"the engine could not do it: {exc}") from exc
+
+
+async def _sse(events: AsyncIterator[tuple[int, Served]], frame) -> StreamingResponse:
     """Start the stream before answering, so errors before the first token are plain HTTP errors
     (400/429/503) and the header can name the backend; then stream ``data:`` events and [DONE]."""
     try:
@@ -322,5 +376,5 @@ async def _sse(events: AsyncIterator[Served], frame) -> StreamingResponse:
                 await events.aclose()
         yield b"data: [DONE]\n\n"
 
-    headers = {BACKEND_HEADER: first.backend} if first else {}
+    headers = {BACKEND_HEADER: first[1].backend} if first else {}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

@@ -13,6 +13,7 @@ class ApiError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    backend: str | None = None  # the engine involved, if any: named in the x-node-agent-backend header
 
     def __init__(self, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -84,3 +85,28 @@ class EngineFailed(ApiError):
     status = 502
     type = "server_error"
     code = "engine_failed"
+
+
+class StreamInterrupted(ApiError):
+    """A stream's backend failed after text was sent and continuation is off."""
+
+    status = 502
+    code = "stream_interrupted"
+
+
+class CannotHold(ApiError):
+    """The backends serving now cannot hold the request; a bigger one of the chain could, once
+    it is back (not the client's fault: a 503 with Retry-After)."""
+
+    status = 503
+    code = "context_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class CannotHonour(CannotHold):
+    """No engine serving now can honour the request (a constraint, a constrained continuation,
+    a vocabulary: ``Features.refuses``); a 503 with Retry-After, not the client's fault (#12)."""
+
+    code = "capability_unavailable"

@@ -6,7 +6,8 @@ The gate decides from the headers first, in this order, before a byte of the bod
 
 1. a declared ``Content-Length`` above ``server.max_request_bytes`` → 413;
 2. a missing or wrong ``Authorization: Bearer <token>`` → 401 (``health.token`` on /health/*,
-   /v1/node and /metrics; ``server.api_key`` everywhere else; the scheme is case-insensitive and
+   /v1/node and /metrics, and on /health unless ``health.open_health_check``; ``server.api_key``
+   everywhere else; the scheme is case-insensitive and
    the token compared in constant time);
 3. a body without a declared length is read here up to the bound (413 beyond it) and handed on.
 
@@ -37,8 +38,10 @@ def bearer_matches(header: bytes | None, token: str) -> bool:
 class Gate:
     """See the module docstring; ``api_key``/``health_token`` None: that part is open."""
 
-    def __init__(self, app, api_key: str | None, health_token: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app, api_key: str | None, health_token: str | None, max_body_bytes: int,
+                 open_health_check: bool = False) -> None:
         self.app = app
+        self.open_health_check = open_health_check
         self.api_key = api_key
         self.health_token = health_token
         self.max_body_bytes = max_body_bytes
@@ -61,6 +64,8 @@ class Gate:
                 return
         path = scope.get("path", "")
         token = self.health_token if is_health_path(path) else self.api_key
+        if path == "/health" and self.open_health_check:
+            token = None  # 200/503 and nothing else: health.open_health_check
         if token and not bearer_matches(headers.get(b"authorization"), token):
             refusal = ("missing or wrong health token (Authorization: Bearer <health.token>)" if is_health_path(path)
                        else "missing or wrong API key (Authorization: Bearer <key>)")

@@ -3,6 +3,12 @@
 Events (requests, first tokens, tokens) are counted as they happen; everything that is a state
 (backends, admission, KV, fallback switches, GPUs) is read at scrape time by ``_LiveCollector``,
 so /metrics and /v1/node always agree with the router. docs/health.md lists every metric.
+
+Besides the ``node_agent_*`` metrics, the node speaks the Model Server Protocol of the Gateway
+API Inference Extension (docs/gateway.md): the ``vllm:*`` gauges an endpoint picker reads by
+default, one series each, for the node as a whole. They are the node's and nobody else's: the
+embedded vLLM runs with ``disable_log_stats`` (it registers no metrics of its own), and a picker
+reads the first series of a family, so per-engine series would have it read an arbitrary engine.
 """
 
 from __future__ import annotations
@@ -123,6 +129,7 @@ class _LiveCollector(Collector):
             rejected.add_metric([name], adm.rejected)
             pressure.add_metric([name], adm.pressure)
         yield from (state, restarts, kv_cap, kv_budget, kv_reserved, kv_used, running, queue, rejected, pressure)
+        yield from model_server_protocol(node, readiness.backend)
 
         switches = CounterMetricFamily("node_agent_fallback_switches", "Requests moved from one backend to the "
                                        "next (to=none: nothing was left), by reason.", labels=["from", "to", "reason"])
@@ -156,3 +163,39 @@ class _LiveCollector(Collector):
         if node.monitor.gpus_at is not None:
             age.add_metric([], max(0.0, time.time() - node.monitor.gpus_at))
         yield age
+
+
+def model_server_protocol(node, serving: str | None) -> Iterator[Metric]:
+    """The Model Server Protocol's gauges under the names vLLM gives them, for the whole node:
+    requests waiting in admission, requests running, and the KV tokens reserved on the engine that
+    takes new requests (``serving``) over its budget — 1 when none serves or it has no budget
+    left, so a picker steers away."""
+    routes = node.router.routes
+    labels, values = ["model_name"], [node.model_name]
+    waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for KV capacity in the node's "
+                                "admission queues.", labels=labels)
+    waiting.add_metric(values, sum(r.admission.queue_depth for r in routes))
+    running = GaugeMetricFamily("vllm:num_requests_running", "Requests admitted and generating on any engine of "
+                                "the node.", labels=labels)
+    running.add_metric(values, sum(r.admission.active for r in routes))
+    route = next((r for r in routes if r.name == serving), None)
+    budget = route.admission.budget()[0] if route is not None else 0
+    usage = min(1.0, route.admission.reserved / budget) if budget > 0 else 1.0
+    kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV tokens reserved on the serving engine over its budget "
+                           "(1 = full; 1 also when no engine serves).", labels=labels)
+    kv.add_metric(values, usage)
+    old_kv = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "The same as vllm:kv_cache_usage_perc, under its "
+                               "older name (production-stack reads it).", labels=labels)
+    old_kv.add_metric(values, usage)
+    described = route or routes[0]  # when none serves: the primary's cache
+    cap = described.backend.capacity()
+    cache = GaugeMetricFamily("vllm:cache_config_info", "The serving engine's KV cache: tokens per block and "
+                              "blocks (llama.cpp: one token per block).",
+                              labels=["block_size", "num_gpu_blocks", "backend"])
+    cache.add_metric([str(cap.kv_block_size), str(cap.kv_tokens_total // max(1, cap.kv_block_size)),
+                      described.name], 1.0)
+    lora = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters: none are served (max_lora 0); the value is "
+                             "when that was last true (the agent's start).",
+                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    lora.add_metric(["0", "", ""], node.monitor.started_at)
+    yield from (waiting, running, kv, old_kv, cache, lora)

@@ -78,7 +78,13 @@ class Node:
                          for (e, b, s), n in sorted(self.telemetry.requests.items())],
             "fallback_switches": [{"from": f, "to": t, "reason": r, "count": n}
                                   for (f, t, r), n in sorted(self.router.counters.switches.items())],
+            "fallback_events": list(self.router.counters.events),
         }
+
+    def max_model_len(self) -> int:
+        """The longest context this node takes: its largest engine's (with that engine down, a
+        longer request gets a 503 and Retry-After, never a client error)."""
+        return max(route.backend.capacity().max_context for route in self.router.routes)
 
     def _backend(self, route) -> dict:
         health = route.backend.health()
@@ -96,6 +102,7 @@ class Node:
             "breaker": route.breaker.state,
             "breaker_detail": route.breaker.describe(),
             "last_error": health.last_error,
+            "features": _features(route.backend.features()),
             "kv_tokens": {"planned": getattr(getattr(route.backend, "plan", None), "kv_cache_tokens", None),
                           "actual": cap.kv_tokens_total or None},
             "admission": {
@@ -113,6 +120,12 @@ class Node:
                 "vram_pressure_reason": self.monitor.pressure.get(route.name),
             },
         }
+
+
+def _features(f) -> dict:
+    return {"constraints": f.constraints, "constraints_reason": f.constraints_reason or None,
+            "continue_constrained": f.continue_constrained, "max_logprobs": f.max_logprobs,
+            "vocabulary": f.vocab or None}
 
 
 def plan_summary(backend) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from agent.backends.base import (
     BackendError,
     BackendNotReady,
     BackendState,
+    CannotServe,
     Delta,
     EngineFault,
     GenerationRequest,
@@ -43,8 +43,19 @@ from agent.backends.base import (
     PromptTooLong,
 )
 from agent.serving.admission import Admission
+from agent.serving.attempts import Answer, Moved, Served
 from agent.serving.breaker import OPEN, Breaker, Permit
-from agent.serving.errors import ApiError, ContextTooLong, EngineFailed, InvalidRequest, NotReady, Overloaded
+from agent.serving.errors import (
+    ApiError,
+    CannotHold,
+    CannotHonour,
+    ContextTooLong,
+    EngineFailed,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    StreamInterrupted,
+)
 from agent.serving.supervisor import Route, Supervisor
 from agent.settings import AdmissionSettings, RouterSettings
 
@@ -57,37 +68,21 @@ class FirstTokenTimeout(EngineFault):
     """No first token within router.first_token_timeout_s."""
 
 
-class StreamInterrupted(ApiError):
-    """A stream's backend failed after text was sent and continuation is off."""
-
-    status = 502
-    code = "stream_interrupted"
-
-
-class CannotHold(ApiError):
-    """The backends serving now cannot hold the request; a bigger one of the chain could, once
-    it is back (not the client's fault: a 503 with Retry-After)."""
-
-    status = 503
-    code = "context_unavailable"
-
-    def __init__(self, message: str, retry_after: int = 30) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after)})
-
-
-@dataclass
-class Served:
-    """One delta and the backend that produced it; counts are for the whole answer so far."""
-
-    backend: str
-    delta: Delta
+FALLBACK_EVENTS_KEPT = 50  # the last fallback events /v1/node shows
 
 
 @dataclass
 class Counters:
-    """What the router has done, for /v1/node and /metrics."""
+    """What the router has done, for /v1/node and /metrics: switches counted by (from, to, reason
+    kind), and the last ``FALLBACK_EVENTS_KEPT`` fallback events as they were logged, oldest first."""
 
     switches: collections.Counter = field(default_factory=collections.Counter)  # (from, to, reason kind)
+    events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=FALLBACK_EVENTS_KEPT))
+
+    def switched(self, event: dict, kind: str) -> None:
+        """Count one fallback event and keep it (the oldest kept one goes when the buffer is full)."""
+        self.switches[(event["from"], event["to"] or "none", kind)] += 1
+        self.events.append(event)
 
 
 class Observer(Protocol):
@@ -104,64 +99,6 @@ class _NoObserver:
 
     def finished(self, backend: str, prompt_tokens: int, completion_tokens: int) -> None:
         pass
-
-
-class _Moved(Exception):
-    """An attempt ended without answering; the next backend may take the request.
-
-    ``refusal``: what the client gets when no backend is left (e.g. the 429 of a full queue).
-    """
-
-    def __init__(self, backend: str, reason: str, refusal: ApiError | None = None) -> None:
-        super().__init__(reason)
-        self.backend, self.reason, self.refusal = backend, reason, refusal
-        self.at = time.monotonic()
-
-    @property
-    def kind(self) -> str:
-        return self.reason.split(":", 1)[0]
-
-
-@dataclass
-class _Answer:
-    """One request's progress across attempts: what was delivered, and the usage behind it."""
-
-    request: GenerationRequest
-    resume: bool  # a stream: continue after the text sent; else the next backend starts over
-    tried: set[str] = field(default_factory=set)
-    text: str = ""  # delivered by earlier attempts (resume only)
-    tokens: int = 0  # completion tokens of earlier attempts whose text was delivered
-    prompt_tokens: int | None = None  # the original prompt, as the engine that began the answer counted it
-    attempt_text: str = ""
-    attempt_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
-    first_seen: bool = False
-
-    def next_request(self) -> GenerationRequest:
-        if not self.text:
-            return self.request
-        return dataclasses.replace(self.request, assistant_prefix=self.request.assistant_prefix + self.text,
-                                   max_tokens=self.remaining())
-
-    def remaining(self) -> int:
-        return self.request.max_tokens - self.tokens
-
-    def begin(self, prompt_tokens: int) -> None:
-        self.attempt_text, self.attempt_tokens = "", 0
-        if not self.text:
-            self.prompt_tokens = prompt_tokens
-
-    def account(self, backend: str, d: Delta) -> Served:
-        self.attempt_text += d.text
-        self.attempt_tokens = max(self.attempt_tokens, d.completion_tokens)
-        return Served(backend, dataclasses.replace(d, prompt_tokens=self.prompt_tokens or d.prompt_tokens,
-                                                   completion_tokens=self.tokens + self.attempt_tokens))
-
-    def attempt_failed(self) -> None:
-        if self.resume:
-            self.text += self.attempt_text
-            self.tokens += self.attempt_tokens
-        self.attempt_text, self.attempt_tokens = "", 0
 
 
 class Router:
@@ -192,9 +129,11 @@ class Router:
         """Routes that could take a request now (serving, breaker not open), in chain order."""
         return [r for r in self.routes if r.backend.state in SERVING and r.breaker.state != OPEN]
 
-    def _pick(self, tried: set[str]) -> tuple[Route | None, Permit | None]:
+    def _pick(self, tried: set[str], request: GenerationRequest) -> tuple[Route | None, Permit | None]:
         for route in self.routes:
             if route.name in tried or route.backend.state not in SERVING:
+                continue
+            if route.backend.features().refuses(request):  # cannot honour it as it runs now (#12)
                 continue
             permit = route.breaker.permit()
             if permit is not None:
@@ -204,18 +143,25 @@ class Router:
     def _could_take_over(self, tried: set[str]) -> bool:
         return any(r.name not in tried for r in self.serving())
 
-    def _switch(self, request_id: str, moved: _Moved, to: str | None) -> None:
-        self.counters.switches[(moved.backend, to or "none", moved.kind)] += 1
-        events.info(json.dumps({"event": "fallback", "ts": time.time(), "request_id": request_id,
-                                "from": moved.backend, "to": to, "reason": moved.reason,
-                                "latency_ms": round((time.monotonic() - moved.at) * 1000, 2)}))
+    def _switch(self, request_id: str, moved: Moved, to: str | None) -> None:
+        event = {"ts": time.time(), "request_id": request_id, "from": moved.backend, "to": to,
+                 "reason": moved.reason, "latency_ms": round((time.monotonic() - moved.at) * 1000, 2)}
+        self.counters.switched(event, moved.kind)
+        events.info(json.dumps({"event": "fallback", **event}))
 
-    def _nothing_left(self, moved: _Moved | None) -> ApiError:
+    def _nothing_left(self, moved: Moved | None, request: GenerationRequest) -> ApiError:
+        unable = [f"{r.name}: {why}" for r in self.routes if r.name not in ({moved.backend} if moved else set())
+                  and r.backend.state in SERVING and (why := r.backend.features().refuses(request))]
+        if unable:
+            return CannotHonour(f"no engine of this node can serve this request now ({'; '.join(unable)}; "
+                                f"{describe_states(self.routes)})", retry_after=5)
         if moved is None:
             return NotReady(f"no backend can serve yet ({describe_states(self.routes)})")
         if moved.refusal is not None:
             return moved.refusal
-        return EngineFailed(f"every backend failed this request (last: {moved.backend}: {moved.reason})")
+        failed = EngineFailed(f"every backend failed this request (last: {moved.backend}: {moved.reason})")
+        failed.backend = moved.backend
+        return failed
 
     # --- serving -------------------------------------------------------------------------
     async def stream(self, request: GenerationRequest, resume: bool = True) -> AsyncIterator[Served]:
@@ -225,18 +171,18 @@ class Router:
         yielded (streams); when False the next backend starts over and the caller discards what
         it buffered (non-streamed requests, via ``complete``).
         """
-        answer = _Answer(request, resume)
-        moved: _Moved | None = None
+        answer = Answer(request, resume)
+        moved: Moved | None = None
         refusal: ApiError | None = None  # the first refusal (e.g. a full queue) is what the client gets
         while True:
             if answer.text and answer.remaining() <= 0:  # the failed engine had already produced it all
                 yield Served(moved.backend if moved else "", Delta("", "length", answer.prompt_tokens or 0, answer.tokens))
                 return
-            route, permit = self._pick(answer.tried)
+            route, permit = self._pick(answer.tried, answer.next_request())
             if moved is not None:
                 self._switch(request.request_id, moved, route.name if route else None)
             if route is None or permit is None:
-                raise refusal or self._nothing_left(moved)
+                raise refusal or self._nothing_left(moved, answer.next_request())
             answer.tried.add(route.name)
             with permit:
                 try:
@@ -244,7 +190,7 @@ class Router:
                         async for served in attempt:
                             yield served
                     return
-                except _Moved as exc:
+                except Moved as exc:
                     moved, refusal = exc, refusal or exc.refusal
                     log.warning("request %s: %s could not serve it: %s", request.request_id, exc.backend, exc.reason)
                     answer.attempt_failed()
@@ -252,8 +198,8 @@ class Router:
                         self._switch(request.request_id, moved, None)
                         raise StreamInterrupted(f"{exc.backend} failed mid-stream: {exc.reason}") from exc
 
-    async def _attempt(self, route: Route, permit: Permit, answer: _Answer) -> AsyncIterator[Served]:
-        """One backend's try at the request; ``_Moved`` when another should take it."""
+    async def _attempt(self, route: Route, permit: Permit, answer: Answer) -> AsyncIterator[Served]:
+        """One backend's try at the request; ``Moved`` when another should take it."""
         request = answer.next_request()
         backend, admission = route.backend, route.admission
         try:
@@ -267,9 +213,10 @@ class Router:
                 raise PromptTooLong(prepared.prompt_tokens, cap.max_context)
             ticket = await admission.acquire(min(prepared.prompt_tokens + request.max_tokens, cap.max_context))
         except Overloaded as exc:
+            exc.backend = route.name
             if not self.admission_settings.overflow:
                 raise
-            raise _Moved(route.name, f"overflow: {exc}", refusal=exc) from exc
+            raise Moved(route.name, f"overflow: {exc}", refusal=exc) from exc
         except BaseException as exc:
             self._reraise(route, permit, exc, answer)
         answer.begin(prepared.prompt_tokens)
@@ -319,24 +266,29 @@ class Router:
         if size > cap.max_context * cap.max_token_bytes:
             raise PromptTooLong(math.ceil(size / cap.max_token_bytes), cap.max_context, at_least=True)
 
-    def _reraise(self, route: Route, permit: Permit, exc: BaseException, answer: _Answer) -> None:
+    def _reraise(self, route: Route, permit: Permit, exc: BaseException, answer: Answer) -> None:
         new = self._translate(route, permit, exc, answer)
+        for err in (new, getattr(new, "refusal", None)):
+            if isinstance(err, ApiError) and err.backend is None:
+                err.backend = route.name  # the client's answer names the engine that was involved
         if new is exc:
             raise exc
         raise new from exc
 
-    def _translate(self, route: Route, permit: Permit, exc: BaseException, answer: _Answer) -> BaseException:
+    def _translate(self, route: Route, permit: Permit, exc: BaseException, answer: Answer) -> BaseException:
         """What an exception from one attempt means for the request and for the backend."""
         param = "messages" if answer.request.messages else "prompt"
-        if isinstance(exc, (_Moved, ApiError, asyncio.CancelledError, GeneratorExit)) or not isinstance(exc, Exception):
+        if isinstance(exc, (Moved, ApiError, asyncio.CancelledError, GeneratorExit)) or not isinstance(exc, Exception):
             return exc  # already decided, or the client left: the permit is given back neutrally
         if isinstance(exc, InvalidInput):
             return InvalidRequest(str(exc), param=exc.param)
+        if isinstance(exc, CannotServe):  # neither the client's fault nor the engine's: no breaker failure
+            return Moved(route.name, f"CannotServe: {exc}", refusal=CannotHonour(str(exc), retry_after=5))
         if isinstance(exc, PromptTooLong):
             largest = max(r.backend.capacity().max_context for r in self.routes)
             if exc.max_context >= largest:
                 return ContextTooLong(str(exc), param=param)
-            return _Moved(route.name, f"CannotHold: {exc}", refusal=CannotHold(
+            return Moved(route.name, f"CannotHold: {exc}", refusal=CannotHold(
                 f"{exc}; a backend of this node with a longer context ({largest} tokens) is not serving "
                 f"now ({describe_states(self.routes)}); retry later"))
         fatal = isinstance(exc, (BackendDied, BackendNotReady))
@@ -344,21 +296,24 @@ class Router:
             exc = EngineFault(f"{route.name}: {type(exc).__name__}: {exc}")
         reason = type(exc).__name__ + (f": {exc}" if str(exc) else "")
         permit.failure(fatal=fatal, reason=reason)
-        return _Moved(route.name, reason)
+        return Moved(route.name, reason)
 
     async def complete(self, request: GenerationRequest) -> tuple[str, str, Delta]:
         """A whole answer: (backend, text, last delta). A backend that dies mid-way is replaced by
         the next one, which starts over; the client sees one answer."""
-        parts: list[str] = []
+        backend, deltas = await self.complete_deltas(request)
+        return backend, "".join(d.text for d in deltas), deltas[-1]
+
+    async def complete_deltas(self, request: GenerationRequest) -> tuple[str, list[Delta]]:
+        """``complete``, keeping every delta of the answer (its logprobs, for one)."""
+        deltas: list[Delta] = []
         backend = ""
-        last: Delta | None = None
         async for served in self.stream(request, resume=False):
             if served.backend != backend:
-                parts, backend = [], served.backend  # a new backend started over
-            parts.append(served.delta.text)
-            last = served.delta
-        assert last is not None
-        return backend, "".join(parts), last
+                deltas, backend = [], served.backend  # a new backend started over
+            deltas.append(served.delta)
+        assert deltas
+        return backend, deltas
 
 
 def request_bytes(request: GenerationRequest) -> int:

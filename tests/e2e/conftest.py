@@ -66,11 +66,12 @@ class Server:
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """Start a server with the given settings (a dict written as the config file)."""
+    """Start a server with the given settings (a dict written as the config file); on a free port
+    unless the settings name one (a node restarted where its gateway knows it)."""
     servers: list[Server] = []
 
     def start(config: dict, env: dict | None = None) -> Server:
-        port = free_port()
+        port = config.get("server", {}).get("port") or free_port()
         workdir = tmp_path_factory.mktemp("serve")
         cfg = workdir / "config.yaml"
         config = {**config, "server": {**config.get("server", {}), "port": port}}

@@ -26,6 +26,9 @@ def server(start_server, smollm2_hf_dir, smollm2_gguf_path):
         "model": {"ref": str(smollm2_hf_dir), "gguf": str(smollm2_gguf_path)},
         "planner": {"target_context": 2048, "min_context": 512, "max_num_seqs": 8},
         "router": {"restart_backoff_s": 1.0},
+        # The 8 failed-over requests queue for llama.cpp's one instance while vLLM restarts on the
+        # same 2 cores: the queue's deadline must not be what this test measures.
+        "admission": {"queue_timeout_s": 180},
         "server": {"model_name": MODEL},
     })
     s.wait_ready(backend="vllm")

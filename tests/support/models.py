@@ -20,6 +20,7 @@ import importlib.resources
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump a recipe string whenever its builder's output changes; cached copies are then rebuilt.
-_TINY_RECIPE = "tiny-llama v2 strict-roles"
+_TINY_RECIPE = "tiny-llama v3 strict-roles tools"
 _SMOLLM2_RECIPE = "smollm2-hf v2 bf16"
 _MARKER = ".complete"
 
@@ -42,18 +43,30 @@ TINY_INTERMEDIATE = 256
 TINY_RMS_EPS = 1e-5
 TINY_ROPE_THETA = 10000.0
 
-# ChatML, as SmolLM2 uses; <|im_end|> is the end-of-turn (eos) token. Like Mistral's and
-# Llama 2's templates it refuses a conversation whose user/assistant turns do not alternate, so
-# the engines' template errors can be tested for real.
+# ChatML, as SmolLM2 uses; <|im_end|> is the end-of-turn (eos) token. Like Qwen2.5's, it knows
+# tools (Hermes format), so the tiny model exercises the "the template renders tools" path while
+# SmolLM2's template (no tools) exercises the agent's own rendering. Like Mistral's and Llama 2's
+# it refuses user/assistant turns that do not alternate, so the engines' template errors can be
+# tested for real.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
 ROLES_MUST_ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
 CHATML_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n# Tools\n<tools>\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>\nCall one with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{% if loop.index0 > 0 and message['role'] != 'system' and message['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{% if loop.index0 > 0 and message['role'] not in ['system', 'tool'] and message['role'] == messages[loop.index0 - 1]['role'] %}"
     "{{ raise_exception('" + ROLES_MUST_ALTERNATE + "') }}{% endif %}"
+    "{% if message['role'] == 'assistant' and message.get('tool_calls') %}{{ '<|im_start|>assistant\n' }}"
+    "{% for call in message['tool_calls'] %}{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + "
+    "'\", \"arguments\": ' }}{{ call['function']['arguments'] | tojson }}{{ '}\n</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -395,3 +408,17 @@ def _gguf_chat_template(path: Path) -> str:
 
     field = GGUFReader(str(path)).fields["tokenizer.chat_template"]
     return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def swapped_embedding(gguf: Path, out: Path) -> Path:
+    """A well-formed GGUF (same size, same data) whose token_embd tensor claims the transposed
+    shape: the planner reads it as usual, llama.cpp refuses to load it ("wrong shape")."""
+    data = bytearray(gguf.read_bytes())
+    name = b"token_embd.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    assert n_dims == 2
+    d0, d1 = struct.unpack_from("<QQ", data, at + 4)
+    struct.pack_into("<QQ", data, at + 4, d1, d0)
+    out.write_bytes(data)
+    return out

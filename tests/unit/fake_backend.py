@@ -7,6 +7,11 @@ behaves like the real engines where the router depends on it:
 - several tokens per delta when ``Script.pattern`` says so (as stop-string hold-back and UTF-8
   sequences do), with cumulative ``completion_tokens`` on every delta and the prompt count on
   every delta;
+- what the real engines honour, as they honour it: ``features()`` (scriptable: an engine that
+  cannot constrain, or cannot continue a constrained answer), per-token logprobs when asked, an
+  output constraint answered with ``Script.constrained`` (the words a grammar would allow; a
+  continuation resumes after the prefix already sent, as llguidance's matcher does), tools
+  rendered into the prompt (they cost prompt tokens, as a template makes them);
 - faults raised the way engines raise them: a raw ``RuntimeError`` or a jinja2
   ``TemplateError`` from inside the "engine", translated by the same ``boundary`` the real
   backends use; ``BackendDied`` with the state moved to failed; hangs; slow and failing starts.
@@ -22,12 +27,16 @@ from agent.backends.base import (
     BackendDied,
     BackendStartError,
     BackendState,
+    CannotServe,
     Capacity,
     Delta,
+    Features,
     GenerationRequest,
+    InvalidInput,
     Prepared,
     PromptTooLong,
     StateOwner,
+    TokenLogprob,
     boundary,
 )
 
@@ -52,6 +61,10 @@ class Script:
     delay: float = 0.0  # between deltas
     slots: int = 4
     kv: int = 1000
+    # the words a grammar allows, one token each (a JSON object unless a test says otherwise)
+    constrained: list[str] = field(default_factory=lambda: ['{"', 'city', '":"', 'Paris', '"}'])
+    features: Features = field(default_factory=lambda: Features(continue_constrained=True, vocab="fake", vocab_size=64,
+                                                                chat_template="{{ messages }}"))
 
 
 class FakeBackend:
@@ -97,17 +110,41 @@ class FakeBackend:
             if request.messages is None:
                 text = (request.prompt or "") + request.assistant_prefix
                 return text.split()
-            words = [w for m in request.messages for w in ["<role>", *m["content"].split(), "<end>"]]
+            words = [w for m in request.messages for w in ["<role>", *(m.get("content") or "").split(), "<end>"]]
+            words += [w for t in request.tools for w in ["<tool>", *t["function"]["name"].split()]]
             return words + ["<role>"] + request.assistant_prefix.split()
+
+    def features(self) -> Features:
+        return self.script.features
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        if any(not 0 <= t < len(self.script.words) for t in token_ids):
+            raise InvalidInput("token id outside the vocabulary", param="tokens")
+        return "".join(self.script.words[t] for t in token_ids)
+
+    def _words_for(self, request: GenerationRequest) -> list[str]:
+        """The answer's tokens: the script's words, or under a constraint what the grammar allows
+        after the text already sent."""
+        if request.constraint is None:
+            return self.script.words
+        done, words = "", list(self.script.constrained)
+        while words and request.assistant_prefix.startswith(done + words[0]):
+            done += words.pop(0)
+        if done != request.assistant_prefix:
+            raise CannotServe(f"{self.name}: the text already sent does not fit the constraint")
+        return words
 
     async def prepare(self, request: GenerationRequest) -> Prepared:
         self._state.require_serving()
+        refusal = self.features().refuses(request)
+        if refusal:
+            raise CannotServe(f"{self.name}: {refusal}")
         if self.script.die_on_count:
             self._state.move(BackendState.FAILED, error="scripted death")
             raise BackendDied(f"{self.name} died")
-        n = len(self.tokenize(request))
+        words = self.tokenize(request)
         self.prepared.append(request)
-        return Prepared(n, request)
+        return Prepared(len(words), request, tuple(sum(map(ord, w)) % 64 for w in words))
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return (await self.prepare(request)).prompt_tokens
@@ -126,7 +163,8 @@ class FakeBackend:
         try:
             if s.stall:
                 await asyncio.sleep(3600)
-            words = s.words[: max(0, min(request.max_tokens, s.context - n_prompt))]
+            all_words = self._words_for(request)
+            words = all_words[: max(0, min(request.max_tokens, s.context - n_prompt))]
             sizes = itertools.cycle(s.pattern)
             done, deltas = 0, 0
             with boundary(self.name):
@@ -149,13 +187,22 @@ class FakeBackend:
                     deltas += 1
                     finish = None
                     if done == len(words):
-                        finish = "length" if done == request.max_tokens or done < len(s.words) else "stop"
+                        finish = "length" if done == request.max_tokens or done < len(all_words) else "stop"
                         finished = True
-                    yield Delta("".join(chunk), finish, n_prompt, done)
+                    yield Delta("".join(chunk), finish, n_prompt, done, self._logprobs(request, chunk))
         finally:
             self.active.discard(request.request_id)
             if not finished:
                 self.aborted.append(request.request_id)
+
+    @staticmethod
+    def _logprobs(request: GenerationRequest, chunk: list[str]) -> tuple[TokenLogprob, ...]:
+        """Logprobs as an engine reports them: one entry per token, ``logprobs`` alternatives each,
+        the sampled token the likeliest."""
+        if request.logprobs is None:
+            return ()
+        return tuple(TokenLogprob(w, w.encode(), -0.5, tuple((w if i == 0 else f"{w}~{i}", w.encode(), -0.5 - i)
+                                                            for i in range(request.logprobs))) for w in chunk)
 
     async def abort(self, request_id: str) -> None:
         self.active.discard(request_id)

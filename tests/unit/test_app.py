@@ -149,7 +149,7 @@ def test_a_raw_engine_error_fails_over_and_a_bug_elsewhere_is_a_500_in_the_envel
 
     async def bug(request):
         raise AssertionError("a bug in the agent")
-    router.complete = bug
+    router.complete_deltas = bug
     r = asyncio.run(go(app, router))
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error" and "AssertionError" in r.json()["error"]["message"]

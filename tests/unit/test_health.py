@@ -39,7 +39,7 @@ KEY = "api-key-0123456789abcdef"
 def documented_metrics() -> set[str]:
     """Metric names from the table in docs/health.md (the contract with dashboards)."""
     text = (ROOT / "docs/health.md").read_text()
-    return set(re.findall(r"^\| `(node_agent_[a-z_]+)` \|", text, flags=re.M))
+    return set(re.findall(r"^\| `((?:node_agent_|vllm:)[a-z_]+)` \|", text, flags=re.M))
 
 
 def make(settings: dict, *backends, sampler=None):
@@ -207,6 +207,24 @@ def test_health_token_guards_health_and_is_separate_from_the_api_key(path):
             await node.router.stop()
 
     assert asyncio.run(go()) == [401, 401, 200, 401]
+
+
+@pytest.mark.parametrize("open_check, expected", [(True, [200, 200]), (False, [401, 200])])
+def test_get_health_is_open_by_default_even_with_a_health_token(open_check, expected):
+    app, node = make({"health": {"token": TOKEN, "open_health_check": open_check}}, FakeBackend("llamacpp"))
+
+    async def go():
+        await node.router.start()
+        try:
+            async with client(app) as c:
+                codes = [(await c.get("/health", headers=h)).status_code
+                         for h in ({}, {"authorization": f"Bearer {TOKEN}"})]
+                return codes, (await c.get("/health/ready")).status_code
+        finally:
+            await node.router.stop()
+
+    codes, ready = asyncio.run(go())
+    assert codes == expected and ready == 401  # /health/ready and the rest keep the token
 
 
 def test_node_id_is_derived_from_the_machine_id_and_stable(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from agent.backends.base import BackendState, GenerationRequest
 from agent.serving.errors import ContextTooLong, NotReady
 from agent.serving.breaker import Breaker
-from agent.serving.router import CannotHold, Router, StreamInterrupted
+from agent.serving.errors import CannotHold, StreamInterrupted
+from agent.serving.router import Router
 from agent.settings import AdmissionSettings, RouterSettings
 from tests.unit.fake_backend import FakeBackend, Script
 
