@@ -34,6 +34,7 @@ from agent.backends.base import (
     BackendState,
     Capacity,
     Delta,
+    Features,
     GenerationRequest,
     Health,
     Prepared,
@@ -232,6 +233,13 @@ class HeadlessBackend:
 
     async def abort(self, request_id: str) -> None:
         return None
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        raise self._refuse()
+
+    def features(self) -> Features:
+        # Nothing refused here by what it asks for: ``prepare`` sends every request to the head.
+        return Features()
 
     def capacity(self) -> Capacity:
         # No KV here to admit against; a context large enough that no request is refused by its size

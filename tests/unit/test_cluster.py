@@ -10,10 +10,12 @@ import socket
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import jsonschema
 import pytest
 
 from agent.backends.base import BackendState
+from agent.backends.vllm_headless import HeadlessBackend
 from agent.cluster.coordinator import Coordinator
 from agent.cluster.link import HeadLink
 from agent.cluster.network import Network, is_private, resolve_network
@@ -24,7 +26,9 @@ from agent.errors import ConfigError, UsageError
 from agent.hardware import detect
 from agent.hardware.report import host_to_dict
 from agent.planner.cluster import plan_cluster
+from agent.serving.app import create_app
 from agent.serving.monitor import NodeMonitor
+from agent.serving.node import build_node
 from agent.serving.router import Router
 from agent.settings import AdmissionSettings, ClusterSettings, RouterSettings, Settings, load_settings
 from tests.unit.fake_backend import FakeBackend
@@ -309,3 +313,25 @@ def test_the_supervisor_waits_for_the_members_without_counting_failed_starts_and
     assert "cluster: group idle; missing rank 1: rank 1 has not reported" in waiting.reason
     assert waiting.cluster["missing"][0]["rank"] == 1
     assert up.status == "ok" and up.backend == "vllm" and up.cluster["group"] == "running"
+
+
+def test_a_worker_agents_node_document_shows_its_link_to_the_head():
+    """The worker's own endpoint (its backend is the headless engine, not started here)."""
+    token = "t" * 20
+    s = Settings.model_validate({"health": {"token": token},
+                                 "cluster": {"nodes": 2, "rank": 1, "head": f"{HEAD_IP}:29501"}})
+    net = Network(None, "10.0.0.2", HEAD_IP, 29501, f"http://{HEAD_IP}:8080", HEAD_IP)
+    link = HeadLink(s.cluster, net, HOST, "box-1", "m", "fp", token, clock=Clock())
+    router = Router([HeadlessBackend(link, Path("/models/m"), "m")], s.router, s.admission)
+    app = create_app(s, build_node(s, router, "m"))
+
+    async def get():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.get("/v1/node", headers={"Authorization": f"Bearer {token}"})
+    r = asyncio.run(get())
+    assert r.status_code == 200
+    doc = r.json()
+    jsonschema.validate(doc, NODE_SCHEMA)
+    assert doc["plan"] == {}  # the head plans the group and shows it
+    assert doc["cluster"]["role"] == "worker" and doc["cluster"]["missing"][0]["rank"] == 0
+    assert doc["backends"][0]["name"] == "vllm" and doc["backends"][0]["features"]["constraints"]
