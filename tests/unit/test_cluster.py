@@ -5,8 +5,11 @@ readiness and /v1/node say about a group. The real group runs in tests/e2e/test_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +18,7 @@ import jsonschema
 import pytest
 
 from agent.backends.base import BackendState
+from agent.backends.vllm_cluster import ClusterVllmBackend
 from agent.backends.vllm_headless import HeadlessBackend
 from agent.cluster.coordinator import Coordinator
 from agent.cluster.link import HeadLink
@@ -335,3 +339,27 @@ def test_a_worker_agents_node_document_shows_its_link_to_the_head():
     assert doc["plan"] == {}  # the head plans the group and shows it
     assert doc["cluster"]["role"] == "worker" and doc["cluster"]["missing"][0]["rank"] == 0
     assert doc["backends"][0]["name"] == "vllm" and doc["backends"][0]["features"]["constraints"]
+
+
+def test_a_group_that_stops_producing_tokens_is_failed_and_dissolved(coord, clock):
+    """The members all answer their heartbeats, but requests get no token: the head's guard fails
+    vLLM after cluster.stall_timeout_s (vLLM itself would wait 300 s) and dissolves the group."""
+    running_group(coord, clock)
+    s = Settings.model_validate({"cluster": {"nodes": 3, "head": f"{HEAD_IP}:29501", "stall_timeout_s": 1}})
+    b = ClusterVllmBackend(coord, coord.network, resolve_model("smollm2-135m-instruct"), s, Path("/models/m"), "m",
+                           vllm_cpu=True, vllm_version=None)
+    b._state.move(BackendState.STARTING)
+    b._state.move(BackendState.READY)
+
+    async def guard(idle_s: float, active: dict) -> None:
+        b._active, b._progress = active, time.monotonic() - idle_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(b._watch_group(), 0.5)
+
+    asyncio.run(guard(30, {}))  # idle with nothing running is no stall
+    assert b.state is BackendState.READY and coord.group == "running"
+    asyncio.run(guard(1.5, {"r-1": 64}))
+    assert b.state is BackendState.FAILED
+    assert re.fullmatch(r"generation stalled: no token from the group for \d+ s with 1 request\(s\) running",
+                        b.health().last_error)
+    assert coord.group == "idle" and coord.reason == b.health().last_error
