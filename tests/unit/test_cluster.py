@@ -24,7 +24,7 @@ from agent.cluster.coordinator import Coordinator
 from agent.cluster.link import HeadLink
 from agent.cluster.network import Network, is_private, resolve_network
 from agent.cluster.protocol import EngineSpec, Heartbeat
-from agent.cluster.runtime import cluster_runtime
+from agent.cluster.runtime import ClusterRuntime, cluster_runtime
 from agent.catalog.resolve import resolve_model
 from agent.errors import ConfigError, UsageError
 from agent.hardware import detect
@@ -363,3 +363,24 @@ def test_a_group_that_stops_producing_tokens_is_failed_and_dissolved(coord, cloc
     assert re.fullmatch(r"generation stalled: no token from the group for \d+ s with 1 request\(s\) running",
                         b.health().last_error)
     assert coord.group == "idle" and coord.reason == b.health().last_error
+
+
+def test_heartbeats_need_the_health_token_even_with_the_open_health_check(coord):
+    """GET /health may be open (health.open_health_check, for gateways); a heartbeat never is."""
+    token = "t" * 20
+    s = Settings.model_validate({"health": {"token": token, "open_health_check": True},
+                                 "cluster": {"nodes": 3, "head": f"{HEAD_IP}:29501"}})
+    router = Router([FakeBackend("vllm")], s.router, s.admission)
+    app = create_app(s, build_node(s, router, "m"))
+    app.include_router(ClusterRuntime(s, coord.network, coordinator=coord).routes())
+    body = beat(1).model_dump(mode="json")
+
+    async def post(headers):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/health/cluster/heartbeat", json=body, headers=headers)
+    refused = asyncio.run(post({}))
+    wrong = asyncio.run(post({"Authorization": "Bearer " + "x" * 20}))
+    answered = asyncio.run(post({"Authorization": f"Bearer {token}"}))
+    assert (refused.status_code, wrong.status_code) == (401, 401)
+    assert answered.status_code == 200 and answered.json()["head_id"] == coord.head_id
+    assert list(coord.absent()) == [2]  # rank 1 reported, through the token only
