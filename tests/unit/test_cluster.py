@@ -17,7 +17,7 @@ import httpx
 import jsonschema
 import pytest
 
-from agent.backends.base import BackendState
+from agent.backends.base import Backend, BackendState
 from agent.backends.vllm_cluster import ClusterVllmBackend
 from agent.backends.vllm_headless import HeadlessBackend
 from agent.cluster.coordinator import Coordinator
@@ -384,3 +384,10 @@ def test_heartbeats_need_the_health_token_even_with_the_open_health_check(coord)
     assert (refused.status_code, wrong.status_code) == (401, 401)
     assert answered.status_code == 200 and answered.json()["head_id"] == coord.head_id
     assert list(coord.absent()) == [2]  # rank 1 reported, through the token only
+
+
+def test_the_group_backends_implement_the_whole_backend_protocol():
+    """A method added to Backend (as #12 added features and detokenize) must reach both group backends."""
+    wanted = {n for n in dir(Backend) if not n.startswith("_")}
+    for cls in (ClusterVllmBackend, HeadlessBackend):
+        assert wanted - set(dir(cls)) == set(), cls.__name__
