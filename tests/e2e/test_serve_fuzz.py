@@ -251,7 +251,8 @@ def body_of_size(endpoint: str, size: int, seed: int, messages: int) -> bytes:
 
 
 @settings(FUZZ, max_examples=30)
-@given(size=st.one_of(st.integers(32 * 1024, 256 * 1024), st.integers(32 * 1024, LIMIT), st.just(LIMIT)), seed=st.integers(0, 2**32),
+@given(size=st.one_of(st.integers(32 * 1024, 256 * 1024), st.integers(32 * 1024, LIMIT), st.just(LIMIT)),
+       seed=st.integers(0, 2**32),
        messages=st.integers(1, 64), endpoint=st.sampled_from(sorted(PATHS)))
 def test_a_prompt_that_cannot_fit_is_a_400_at_every_size_up_to_the_limit(server, size, seed, messages, endpoint):
     raw = body_of_size(endpoint, size, seed, messages)
