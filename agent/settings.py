@@ -235,6 +235,65 @@ class HealthSettings(_Section):
     )
 
 
+class ClusterSettings(_Section):
+    """One model across hosts: vLLM's multi-node executor, planned and supervised by the agents
+    (docs/cluster.md). ``nodes: 1`` (the default) is a single host: nothing below applies."""
+
+    nodes: int = Field(1, ge=1, le=64, description="Hosts in the vLLM group; 1: this host serves alone.")
+    rank: int = Field(
+        0, ge=0, le=63, description="This host's rank in the group: 0 is the head (serves the API and runs the "
+        "llama.cpp fallback), 1 to nodes-1 are workers (run vLLM's headless engine for their rank).")
+    head: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$",
+        description="The head's rendezvous address as host:port (vLLM's master_addr and master_port); the same "
+        "on every host. Required when nodes > 1.")
+    head_api_port: int = Field(
+        8080, ge=1, le=65535, description="The head agent's HTTP port (its server.port) at the host of "
+        "cluster.head: workers send their heartbeats there.")
+    interface: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:@-]+$",
+        description="Network interface for vLLM's traffic, exported as NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME; "
+        "its IPv4 address becomes VLLM_HOST_IP unless host_ip is set.")
+    host_ip: str | None = Field(
+        None, min_length=1, description="This host's address for vLLM's traffic (VLLM_HOST_IP), unique in the "
+        "group; unset: the interface's IPv4 address.")
+    allow_public: bool = Field(
+        False, description="Allow a public (non-private) address for vLLM's cluster traffic, which is "
+        "unauthenticated and can execute code (docs/cluster.md). Off: the agent refuses to start.")
+    heartbeat_interval_s: float = Field(
+        0.5, ge=0.05, le=10, description="How often a worker agent reports to the head agent (and learns the "
+        "head is alive).")
+    heartbeat_timeout_s: float = Field(
+        5.0, ge=0.2, le=120, description="A worker (at the head) or the head (at a worker) silent this long is "
+        "lost: the head fails vLLM over to llama.cpp, a worker stops its engine and waits.")
+    stall_timeout_s: float = Field(
+        60.0, ge=1, le=3600, description="Requests running on the group with no token from it for this long "
+        "mean the group is dead (vLLM's own RPC timeout is 300 s): vLLM is failed and the group restarted.")
+    join_timeout_s: float = Field(
+        600.0, ge=5, le=7200, description="How long the head waits, at a group start, for every worker agent to "
+        "start its engine; the load itself is bounded by vLLM (VLLM_ENGINE_READY_TIMEOUT_S).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.nodes > 1
+
+    @property
+    def is_head(self) -> bool:
+        return self.enabled and self.rank == 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSettings:
+        if self.rank >= self.nodes:
+            raise ValueError(f"rank {self.rank} must be below nodes ({self.nodes}); the head is rank 0")
+        if self.enabled and self.head is None:
+            raise ValueError("a group of several nodes needs head: host:port of the head's rendezvous "
+                             "(the same on every host)")
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed two heartbeats "
+                             f"({2 * self.heartbeat_interval_s} s)")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration."""
 
@@ -250,6 +309,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP endpoint.")
     health: HealthSettings = Field(default_factory=HealthSettings, description="Health, node report and metrics.")
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings, description="Quantizing on this node.")
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="A model across hosts.")
     profile: str | None = Field(
         None, description="Plan for a hardware profile (profiles/NAME.yaml) instead of this host."
     )

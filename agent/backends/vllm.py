@@ -126,7 +126,7 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, plan: VllmPlan, model_dir: Path, model_name: str, cpu_kvcache_gib: int = 1,
+    def __init__(self, plan: VllmPlan | None, model_dir: Path, model_name: str, cpu_kvcache_gib: int = 1,
                  physical_gpus: Mapping[int, int] | None = None, learn: Callable[[Any], None] | None = None) -> None:
         self.plan = plan
         self.learn = learn  # gets what vLLM measured after each start (agent/backends/vllm_measured.py)
@@ -140,7 +140,7 @@ class VllmBackend:
         self._monitor: asyncio.Task | None = None
         self._kv_tokens = 0
         self._block_size = 16  # vLLM's default until the engine says
-        self._max_len = plan.max_model_len
+        self._max_len = plan.max_model_len if plan is not None else 0  # None: planned at start (a cluster)
         self._max_token_bytes = 64
         self._features = Features(vocab="")
         self._active: dict[str, int] = {}  # request id -> reserved tokens
@@ -163,10 +163,15 @@ class VllmBackend:
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self._state.move(BackendState.STARTING)
+        await self._launch()
+
+    async def _launch(self) -> None:
+        """Build the engine from ``starting``: ends ``ready``, or ``failed`` with BackendStartError."""
         errors = _ErrorLog()
         try:
-            with spawn_environment(engine_environment(self.plan, self.cpu_kvcache_gib, self.physical_gpus)):
+            with spawn_environment(self._environment()):
                 self._engine = await self._lifecycle.run(self._build, errors.config_path)
+            await self._engine_built(self._engine)
         except Exception as exc:
             # The EngineCore child logs its real reason; the agent only gets "initialization failed".
             reason = errors.last_exception() or f"{type(exc).__name__}: {exc}"
@@ -187,11 +192,23 @@ class VllmBackend:
         self._state.move(BackendState.READY)
         log.info("vLLM ready: %s, KV cache %d tokens, max_model_len %d", self.model_name, self._kv_tokens, self._max_len)
 
+    def _environment(self) -> dict[str, str]:
+        """What the engine's processes inherit (a subclass adds to it: agent/backends/vllm_cluster.py)."""
+        return engine_environment(self.plan, self.cpu_kvcache_gib, self.physical_gpus)
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        """AsyncEngineArgs for this start (a subclass adds to them)."""
+        return engine_args(self.plan, self.model_dir)
+
+    async def _engine_built(self, engine: Any) -> None:
+        """Called once the engine is built, before it is read and marked ready; an exception fails
+        the start. Nothing to do for one host."""
+
     def _build(self, logging_config_path: str) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = engine_args(self.plan, self.model_dir)
+        kwargs = self._engine_kwargs()
         try:  # vLLM >= 0.32 passes its logging config to the engine's processes itself
             from vllm.config.logging import LoggingConfig
 

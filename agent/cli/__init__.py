@@ -46,6 +46,9 @@ def fail(exc: NodeAgentError) -> None:
 QUANTIZATION_CHOICES = ("none", "fp8", "compressed-tensors", "mxfp4", "awq", "gptq")
 ProfileOpt = Annotated[Optional[str], typer.Option(
     "--profile", help="A shipped profile name (see profiles/) or a path to a profile YAML, instead of this host.")]
+ProfilesOpt = Annotated[Optional[list[str]], typer.Option(
+    "--profile", help="A shipped profile name (see profiles/) or a path to a profile YAML, instead of this host. "
+    "Repeat it to plan one model across hosts, the head first (docs/cluster.md).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print stable JSON (docs/detect.md) instead of tables.")]
 
 
@@ -84,7 +87,7 @@ def detect(profile: ProfileOpt = None, as_json: JsonOpt = False, config: ConfigO
 @app.command()
 def plan(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Card name, HF repo id (owner/name[@rev]), owner/name:file.gguf, HF model dir, config.json or .gguf (default: model.ref from settings).")] = None,
-    profile: ProfileOpt = None,
+    profile: ProfilesOpt = None,
     engine: Annotated[str, typer.Option(help="auto, vllm or llamacpp.")] = "auto",
     tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Pin the tensor parallel size.")] = None,
     pp: Annotated[Optional[int], typer.Option("--pp", min=1, help="Pin the pipeline parallel size.")] = None,
@@ -103,6 +106,9 @@ def plan(
 
     A model on the hub (a card, owner/name, owner/name:file.gguf) is planned from its metadata
     (config, file list and sizes; never its weights), and the plan says what `pull` would fetch.
+    Two or more --profile plan one model across those hosts (the first is the head): TP inside a
+    host, PP across hosts with the layers split by each host's memory, the head's llama.cpp fallback.
+
     Exit 0 when it fits, 1 when it does not (the refusal says what would make it fit), 2 on bad input.
     """
     from agent.catalog.resolve import resolve_model
@@ -115,7 +121,12 @@ def plan(
     from agent.planner import plan as make_plan
     from agent.planner.report import plan_to_dict
 
-    overrides: dict = {"profile": profile} if profile else {}
+    profiles = profile or []
+    if len(profiles) > 1:
+        _plan_cluster(profiles, model, engine, tp, pp, quantization, kv_cache_dtype, max_model_len, max_num_seqs,
+                      vllm_version, as_json, emit_config, config)
+        return
+    overrides: dict = {"profile": profiles[0]} if profiles else {}
     if vllm_version:
         overrides["planner"] = {"vllm_version": vllm_version}
     settings = load(config, overrides or None)
@@ -164,6 +175,40 @@ def local_variants(spec, settings):
         return spec
     key = str(Path(spec.local_path).resolve())
     return with_variants(spec, Store(hub_for(settings)), lambda p: p.ref == key)
+
+
+def _plan_cluster(profiles: list[str], model: str | None, engine: str, tp, pp, quantization, kv_cache_dtype,
+                  max_model_len, max_num_seqs, vllm_version, as_json: bool, emit_config: bool, config) -> None:
+    """``plan --profile A --profile B ...``: one model across those hosts (agent/planner/cluster.py)."""
+    from agent.backends.vllm_measured import installed_vllm_version
+    from agent.catalog.resolve import resolve_model
+    from agent.cli.plan_view import render_cluster_plan
+    from agent.hardware import detect as detect_host
+    from agent.planner import Pins
+    from agent.planner.cluster import plan_cluster
+    from agent.planner.report import cluster_plan_to_dict
+
+    settings = load(config, {"planner": {"vllm_version": vllm_version}} if vllm_version else None)
+    if emit_config:
+        fail(UsageError("--emit-config writes one host's settings; for a group set cluster.* on every host "
+                        "(docs/cluster.md)"))
+    if quantization is not None and quantization not in QUANTIZATION_CHOICES:
+        fail(UsageError(f"--quantization {quantization}: a group runs vLLM; choose {', '.join(QUANTIZATION_CHOICES)}"))
+    pins = Pins(engine=engine, tp=tp, pp=pp, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+                max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+    ref_text = model or settings.model.ref
+    try:
+        spec = resolve_model(ref_text)  # a card, a repo a card names, or local files: nothing is fetched
+        hosts = [detect_host(p) for p in profiles]
+        result = plan_cluster(hosts, spec, settings, pins, vllm_cpu=not any(h.gpus for h in hosts),
+                              vllm_version=installed_vllm_version())
+    except NodeAgentError as exc:
+        fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(cluster_plan_to_dict(result), indent=2) + "\n")
+    else:
+        render_cluster_plan(result, Console())
+    raise typer.Exit(0 if result.fits else 1)
 
 
 @app.command()

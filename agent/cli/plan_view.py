@@ -34,6 +34,16 @@ def _settings_table(p: VllmPlan | LlamaCppPlan) -> Table:
     return t
 
 
+def _why(console: Console, reasons, refusals) -> None:
+    console.print("[bold]why[/]")
+    for line in reasons:
+        console.print(f"  - {escape(line)}", highlight=False)
+    if refusals:
+        console.print("[bold]refused[/]")
+        for line in refusals:
+            console.print(f"  - {escape(line)}", highlight=False)
+
+
 def render_plan(plan: NodePlan, host: HostInfo, console: Console) -> None:
     """The decision, the per-GPU memory, the reasons and what was refused."""
     p = plan.primary
@@ -53,18 +63,44 @@ def render_plan(plan: NodePlan, host: HostInfo, console: Console) -> None:
                       _gib(g.usable_bytes), _gib(g.weights_bytes), _gib(g.kv_bytes), _gib(g.activation_bytes),
                       _gib(g.overhead_bytes), str(g.layers))
         console.print(t)
-    console.print("[bold]why[/]")
-    for line in (*plan.reasons, *p.reasons):
-        console.print(f"  - {escape(line)}", highlight=False)
-    if plan.refusals:
-        console.print("[bold]refused[/]")
-        for line in plan.refusals:
-            console.print(f"  - {escape(line)}", highlight=False)
+    _why(console, (*plan.reasons, *p.reasons), plan.refusals)
     if plan.fallback is not None:
         f = plan.fallback
         state = (f"{f.quant_type} GGUF, n_gpu_layers {f.n_gpu_layers}, n_ctx {f.n_ctx}, {_gib(f.ram_bytes)} GiB RAM"
                  if f.fits else escape(f.refusal or "does not fit"))
         console.print(f"[bold]fallback[/] llama.cpp: {state}", highlight=False)
+
+
+def render_cluster_plan(plan, console: Console) -> None:
+    """A plan across hosts: the group's layout, each member's share of layers and memory, the reasons,
+    what was refused and the head's fallback."""
+    v = plan.vllm
+    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+    hosts = len(plan.members) or "several"
+    console.print(f"[bold]{escape(plan.model)}[/] across {hosts} hosts: vLLM multi-node — {verdict}")
+    if plan.refusal:
+        console.print(f"[red]refused:[/] {escape(plan.refusal)}", highlight=False)
+    if plan.fits:
+        console.print(_settings_table(v))
+        t = Table(title="members (the head is rank 0)")
+        for col in ("rank", "host", "GPU", "layers", "usable", "weights", "KV"):
+            t.add_column(col)
+        for m in plan.members:
+            host = f"{escape(m.hostname)} ({m.layers} layers)"
+            if not m.gpus:
+                t.add_row(str(m.rank), host, "CPU", str(m.layers), "-", "-", "-")
+            for i, g in enumerate(m.gpus):
+                name = g.name.removeprefix("NVIDIA ").removeprefix("GeForce ")
+                t.add_row(str(m.rank) if i == 0 else "", host if i == 0 else "", f"{g.index} {escape(name)}",
+                          str(g.layers), _gib(g.usable_bytes), _gib(g.weights_bytes), _gib(g.kv_bytes))
+        console.print(t)
+        console.print(f"every host exports VLLM_PP_LAYER_PARTITION={','.join(map(str, plan.partition))}")
+    _why(console, (*plan.reasons, *v.reasons), plan.refusals)
+    f = plan.fallback
+    if f is not None:
+        state = (f"{f.quant_type} GGUF {f.gguf_file}, n_gpu_layers {f.n_gpu_layers}, n_ctx {f.n_ctx}, "
+                 f"{_gib(f.ram_bytes)} GiB RAM" if f.fits else escape(f.refusal or "does not fit"))
+        console.print(f"[bold]fallback on the head[/] llama.cpp: {escape(state)}", highlight=False)
 
 
 def config_for_plan(result: NodePlan, host: HostInfo, model_ref: str) -> str:

@@ -53,3 +53,28 @@ def plan_to_dict(plan: NodePlan) -> dict[str, Any]:
         "llamacpp": dataclasses.asdict(llama) if llama else None,
     }
     return json.loads(json.dumps(data))  # tuples become lists: exactly what --json prints
+
+
+def cluster_plan_to_dict(plan) -> dict[str, Any]:
+    """JSON-ready dict of a ClusterPlan (``node-agent plan --profile A --profile B --json``;
+    docs/schemas/cluster-plan.schema.json): the group's layout flat at the top, each member's share,
+    the head's fallback, and the whole vLLM plan."""
+    v = plan.vllm
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "cluster",
+        "model": plan.model,
+        "fits": plan.fits,
+        "refusal": plan.refusal,
+        "hosts": len(plan.members) if plan.members else None,
+        **{k: getattr(v, k) for k in FLAT_VLLM_FIELDS},
+        "pp_layer_partition": list(plan.partition) or None,
+        "members": [{"rank": m.rank, "hostname": m.hostname, "stages": list(m.stages), "layers": m.layers,
+                     "gpus": [g.index for g in m.gpus], "per_gpu": [dataclasses.asdict(g) for g in m.gpus],
+                     "gpu_memory_utilization": m.plan.gpu_memory_utilization} for m in plan.members],
+        "reasons": list(plan.reasons) + list(v.reasons),
+        "refusals": list(plan.refusals),
+        "vllm": _vllm(v),
+        "fallback": dataclasses.asdict(plan.fallback) if plan.fallback else None,
+    }
+    return json.loads(json.dumps(data))

@@ -291,9 +291,15 @@ def _pick(cands: list[VllmPlan], p2p: bool) -> VllmPlan:
 
 
 def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins, reserve_fallback: bool,
-              rules: VllmRules, measured: Mapping[str, Measured] | None = None,
+              rules: VllmRules, measured: Mapping[str, Measured] | None = None, *,
+              gpus: Sequence[GpuBudget] | None = None, lays: Sequence[Layout] | None = None,
               ) -> tuple[VllmPlan | None, list[VllmPlan], list[str], list[str]]:
-    """(chosen plan or None, alternatives worth showing, reasons, refusals)."""
+    """(chosen plan or None, alternatives worth showing, reasons, refusals).
+
+    ``gpus`` and ``lays`` replace this host's budgets and layouts: the cross-host planner
+    (agent/planner/cluster.py) plans one group of hosts as one set of GPUs with the layouts
+    vLLM's multi-node executor can run on them.
+    """
     if not host.gpus:
         return None, [], [], [f"vLLM needs a GPU and this host has none ({host.gpu_reason})"]
     if model.arch.unmodelled:
@@ -301,7 +307,7 @@ def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins, 
                         f"not planned for it (a wrong formula would plan a start that fails); use --engine llamacpp "
                         f"with a GGUF")
     check_pins(model, host, pins)
-    gpus = tuple(budgets(host, s, reserve_fallback))
+    gpus = tuple(budgets(host, s, reserve_fallback)) if gpus is None else tuple(gpus)
     min_cc = min(g.compute_capability for g in host.gpus)
     quants, why_not = quantizations(model, min_cc)
     if pins.quantization is not None:
@@ -315,7 +321,7 @@ def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins, 
     smallest = min(host.gpus, key=lambda g: g.memory_total_bytes)
     ctx = _Ctx(model, s, pins, gpus, p2p, s.max_num_batched_tokens or default_batched_tokens(host, rules), rules,
                min_cc, smallest.name, measured or {})
-    lays = layouts(model, gpus, pins)
+    lays = layouts(model, gpus, pins) if lays is None else list(lays)
     refusals: list[str] = list(why_not)
     for q in quants:
         too_big = _weights_refusal(ctx, q)

@@ -245,10 +245,14 @@ def create_app(settings: Settings, node: Node) -> FastAPI:
             body = {"status": r.status, "backend": r.backend}
             if r.reason:
                 body["reason"] = r.reason
+            if r.cluster:
+                body["cluster"] = r.cluster
             return JSONResponse(body)
         body = {"status": r.status, "reason": r.reason}
         if r.progress:
             body["progress"] = r.progress
+        if r.cluster:
+            body["cluster"] = r.cluster
         return JSONResponse(body, status_code=503, headers={"Retry-After": _retry_after(r)})
 
     @health.get("/v1/node")

@@ -34,6 +34,7 @@ class Readiness:
     backend: str | None
     reason: str | None = None
     progress: dict | None = None
+    cluster: dict | None = None  # the group a backend serves in (agent/cluster), when it is one
 
     @property
     def serving(self) -> bool:
@@ -92,6 +93,7 @@ class NodeMonitor:
         yet and something is starting; unavailable: nothing serves."""
         router = self.router
         serving = router.serving()
+        cluster = cluster_of(router.routes)
         if serving:
             route, first = serving[0], router.routes[0]
             why = []
@@ -100,7 +102,9 @@ class NodeMonitor:
             elif first.breaker.state != "closed":
                 why.append(f"{first.name}: {_breaker_line(first)}")
             why += [f"{name}: {text}" for name, text in self.pressure.items()]
-            return Readiness("degraded" if why else "ok", route.name, "; ".join(why) or None)
+            if cluster and (cluster["missing"] or cluster["group"] != "running"):
+                why.append(_cluster_line(cluster))
+            return Readiness("degraded" if why else "ok", route.name, "; ".join(why) or None, cluster=cluster)
         states = describe_states(router.routes)
         before = self.progress_source() if self.progress_source is not None else None
         if before is not None and not self.ever_ready:
@@ -117,8 +121,9 @@ class NodeMonitor:
                 "backends": [{"name": r.name, "state": r.backend.state.value,
                               "for_s": round(now - r.backend.health().since, 1)} for r in router.routes],
             }
-            return Readiness("loading", None, f"loading the model ({states})", progress)
-        return Readiness("unavailable", None, f"no backend can serve ({states})")
+            return Readiness("loading", None, f"loading the model ({states})", progress, cluster=cluster)
+        extra = f"; {_cluster_line(cluster)}" if cluster else ""
+        return Readiness("unavailable", None, f"no backend can serve ({states}){extra}", cluster=cluster)
 
     def _update_readiness(self) -> None:
         new = self.compute_readiness()
@@ -173,6 +178,27 @@ class NodeMonitor:
         finally:
             if self.sampler is not None:
                 self.sampler.close()
+
+
+def cluster_of(routes: list[Route]) -> dict | None:
+    """The group the first clustered backend reports in its health (``detail["cluster"]``)."""
+    for route in routes:
+        cluster = route.backend.health().detail.get("cluster")
+        if cluster is not None:
+            return cluster
+    return None
+
+
+def _cluster_line(cluster: dict) -> str:
+    """'cluster: group idle (rank 1 (gpu-b) lost: ...); missing rank 1 (gpu-b): ...'."""
+    line = f"cluster: group {cluster['group']}"
+    if cluster.get("reason"):
+        line += f" ({cluster['reason']})"
+    for m in cluster["missing"]:
+        name = f"rank {m['rank']}" + (f" ({m['hostname']})" if m.get("hostname") else "")
+        line += f"; missing {name}" + (f": {m['reason']}" if m.get("reason") and m["reason"] != cluster.get("reason")
+                                       else "")
+    return line
 
 
 def _breaker_line(route: Route) -> str:

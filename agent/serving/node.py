@@ -43,7 +43,11 @@ class Node:
     router: Router
     monitor: NodeMonitor
     telemetry: Telemetry
-    plan: dict  # summary per backend, from the plans it was started with
+
+    def plans(self) -> dict:
+        """How each backend was planned (a vLLM group is planned when its members report: absent before)."""
+        return {r.name: plan_summary(r.backend) for r in self.router.routes
+                if getattr(r.backend, "plan", None) is not None}
 
     def document(self) -> dict:
         readiness = self.monitor.compute_readiness()
@@ -67,7 +71,8 @@ class Node:
                     "temperature_c": g.temperature_c, "power_watts": g.power_watts,
                 } for g in self.monitor.gpus],
             },
-            "plan": self.plan,
+            "plan": self.plans(),
+            "cluster": readiness.cluster,
             "backends": [self._backend(route) for route in self.router.routes],
             "requests": [{"endpoint": e, "backend": b, "status": s, "count": n}
                          for (e, b, s), n in sorted(self.telemetry.requests.items())],
@@ -98,7 +103,7 @@ class Node:
             "breaker_detail": route.breaker.describe(),
             "last_error": health.last_error,
             "features": _features(route.backend.features()),
-            "kv_tokens": {"planned": self.plan.get(route.name, {}).get("kv_cache_tokens"),
+            "kv_tokens": {"planned": getattr(getattr(route.backend, "plan", None), "kv_cache_tokens", None),
                           "actual": cap.kv_tokens_total or None},
             "admission": {
                 "kv_capacity_tokens": cap.kv_tokens_total,
@@ -145,8 +150,7 @@ def build_node(settings, router: Router, model_name: str, sampler=None, notifier
     router.observer = telemetry
     monitor = NodeMonitor(router, sampler, settings.planner.safety_margin_mib * 1024**2,
                           settings.health.gpu_poll_interval_s, notifier, progress_source)
-    plans = {r.name: plan_summary(r.backend) for r in router.routes if hasattr(r.backend, "plan")}
     node = Node(settings.health.node_id or default_node_id(), hostname or socket.gethostname(), model_name,
-                router, monitor, telemetry, plans)
+                router, monitor, telemetry)
     telemetry.watch(node)
     return node

