@@ -54,6 +54,40 @@ class ModelSettings(_Section):
         description="Hub cache (huggingface_hub's layout) that pulled models go to and are served from; "
         "unset: huggingface_hub's own ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub).",
     )
+    quantize: Literal["auto", "never"] = Field(
+        "never",
+        description="When the best plan needs a quantization no checkpoint provides (no AWQ sibling): 'auto' "
+        "makes `pull` and `serve` quantize the bf16 weights on this node after downloading them (progress in "
+        "/health/ready); 'never' plans without it and says what `node-agent quantize` would cost.",
+    )
+
+
+class QuantizeSettings(_Section):
+    """How `node-agent quantize` (and model.quantize: auto) quantizes on this node (docs/models.md)."""
+
+    scheme: Literal["awq-w4a16", "gptq-w4a16", "fp8-dynamic"] = Field(
+        "awq-w4a16", description="Weight scheme llm-compressor applies; all write compressed-tensors checkpoints.")
+    group_size: int = Field(
+        0, ge=0, le=4096, description="Columns per quantization group (one scale and zero each); 0 = the largest of "
+        "128, 64, 32 that divides every quantized layer's columns.")
+    calibration: str = Field(
+        "builtin", min_length=1, description="Calibration text: 'builtin' (shipped, license-clean, mixed chat and "
+        "prose) or a .jsonl ({\"text\"} or {\"messages\"} per line) or .txt file.")
+    samples: int = Field(128, ge=4, le=4096, description="Calibration samples used (at most what the set holds).")
+    seq_len: int = Field(512, ge=32, le=16384, description="Longest calibration sample in tokens (longer are cut).")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the sample order and held-out split: the same "
+                      "seed, model and settings give the same checkpoint.")
+    awq_grid: int = Field(20, ge=3, le=100, description="Scale candidates AWQ tries per layer group (llm-compressor's "
+                          "n_grid, which divides by n_grid - 2: at least 3); fewer is faster and slightly worse.")
+    max_perplexity_increase: float = Field(
+        0.25, gt=0, le=100, description="Quality guard: a result whose held-out perplexity exceeds the bf16 model's by "
+        "more than this share is flagged degraded (kept, shown in `models` and /v1/node).")
+    python: str | None = Field(
+        None, min_length=1, description="Python interpreter that has llmcompressor; unset: the agent's own when it "
+        "has it, else a virtual environment the agent makes in env_dir on first use.")
+    env_dir: str | None = Field(
+        None, min_length=1, description="Where the agent makes the quantizer's environment (~1.5 GB with CPU torch); "
+        "unset: $CACHE_DIRECTORY, else $XDG_CACHE_HOME/node-agent, else ~/.cache/node-agent, then quantizer/.")
 
 
 class PlannerSettings(_Section):
@@ -274,6 +308,7 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings, description="KV-token admission.")
     server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP endpoint.")
     health: HealthSettings = Field(default_factory=HealthSettings, description="Health, node report and metrics.")
+    quantize: QuantizeSettings = Field(default_factory=QuantizeSettings, description="Quantizing on this node.")
     cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="A model across hosts.")
     profile: str | None = Field(
         None, description="Plan for a hardware profile (profiles/NAME.yaml) instead of this host."

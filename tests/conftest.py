@@ -73,3 +73,20 @@ def smollm2_gguf_path() -> Path:
 def smollm2_hf_dir() -> Path:
     """SmolLM2-135M-Instruct as a bf16 HF directory for vLLM (converted once, ~45 s)."""
     return make_smollm2_hf(CACHE / "smollm2-hf")
+
+
+@pytest.fixture(scope="session")
+def quantizer_env_dir() -> Path:
+    """Where the quantizer's own environment lives for the tests: scripts/test makes it first;
+    when it is missing it is made here once, by the agent's own code, as for users. Where
+    llm-compressor cannot be installed, the tests that run it skip and say why (the refusals,
+    checked before the environment is needed, do not use this fixture and still run)."""
+    from agent.quantize import env as qenv
+
+    default = Path(__file__).resolve().parents[1] / ".cache" / "quantizer"
+    where = Path(os.environ.get("NODE_AGENT_TEST_QUANTIZER", default)).absolute()
+    try:
+        qenv.ensure(None, where, say=print)
+    except qenv.QuantizerUnavailable as e:
+        pytest.skip(f"the quantizer environment (llm-compressor) could not be made: {e}")
+    return where

@@ -207,8 +207,12 @@ def _source(path: Path, cfg: dict[str, Any], model_dir: Path) -> WeightSource:
     if method == "mxfp4":
         return WeightSource(format="mxfp4", quant_type="mxfp4", bits=4, group_size=32, size_bytes=size)
     bits, group, scheme = _compressed_tensors_weights(quant)
+    groups = quant.get("config_groups")
+    first = next(iter(groups.values()), {}) if isinstance(groups, dict) and groups else {}
+    weights = first.get("weights") if isinstance(first, dict) else None
+    asymmetric = isinstance(weights, dict) and weights.get("symmetric") is False
     return WeightSource(format="compressed-tensors", quant_type=scheme, bits=bits, group_size=group, size_bytes=size,
-                        scheme=scheme)
+                        scheme=scheme, zero_points=asymmetric)
 
 
 def _compressed_tensors_weights(quant: dict[str, Any]) -> tuple[int | None, int | None, str | None]:

@@ -85,6 +85,7 @@ class WeightSource:
     non_layer_bytes: int | None = None  # token embeddings + output head + final norm
     scheme: str | None = None
     weight_block: tuple[int, ...] = ()
+    zero_points: bool = False  # compressed-tensors asymmetric weights: one int8 zero per group
 
 
 @dataclass(frozen=True)

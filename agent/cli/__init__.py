@@ -143,7 +143,7 @@ def plan(
         host = detect_host(settings.profile)
         ref = parse_ref(ref_text)
         if ref is None:
-            result = make_plan(host, resolve_model(ref_text), settings, pins,
+            result = make_plan(host, local_variants(resolve_model(ref_text), settings), settings, pins,
                                **plan_inputs(settings, profile=bool(settings.profile)))
         else:
             result, preview = download_preview(ref, settings, host, pins, offline)
@@ -161,6 +161,20 @@ def plan(
         if preview is not None:
             render_download(preview, Console())
     raise typer.Exit(0 if result.fits else 1)
+
+
+def local_variants(spec, settings):
+    """An HF directory's spec with the variants `node-agent quantize` made from it (on disk)."""
+    from pathlib import Path
+
+    from agent.hub.local import hub_for
+    from agent.hub.store import Store
+    from agent.quantize.register import with_variants
+
+    if spec.origin != "hf-config" or not spec.local_path:
+        return spec
+    key = str(Path(spec.local_path).resolve())
+    return with_variants(spec, Store(hub_for(settings)), lambda p: p.ref == key)
 
 
 def _plan_cluster(profiles: list[str], model: str | None, engine: str, tp, pp, quantization, kv_cache_dtype,
@@ -298,4 +312,4 @@ def run() -> None:
     app()
 
 
-from agent.cli import hub_cmds  # noqa: E402,F401  (registers pull, models, rm on ``app``)
+from agent.cli import hub_cmds, quantize_cmd  # noqa: E402,F401  (register pull, models, rm, quantize on ``app``)

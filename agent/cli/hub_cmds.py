@@ -71,6 +71,7 @@ def pull(
         pins = Pins(engine=engine, quantization=quantization)
         pp = plan_pull(hub_ref(ref), settings, host, pins, hub, gguf_quant, vllm_cpu_for(settings, host))
         prep = prepare(pp, hub)
+        quant = _quantization_for(pp, hub, settings, host)  # model.quantize: auto; checked before any byte
         files = sum(len(i.files) for i in pp.items)
         if as_json:
             _emit({"event": "plan", "ref": ref, "bytes_total": pp.size, "bytes_missing": prep.missing_bytes,
@@ -83,14 +84,53 @@ def pull(
         else:
             with RichSink(tracker, out) as sink:
                 pulls = fetch_all(prep, hub, Store(hub), sink, verify_all)
+        made = _run_quantization(quant, settings, out, as_json) if quant is not None else None
     except NodeAgentError as exc:
         fail(exc)
+    if made is not None:
+        pulls = [*pulls, made.pull]
     if as_json:
         _emit({"event": "done", "ref": ref, "fetched": tracker.fetched, "bytes_total": pp.size,
                "pulls": [{"engine": p.engine, "repo": p.repo, "commit": p.commit, "file": p.file} for p in pulls]})
     else:
         out.print(f"[green]pulled[/] {escape(ref)}: {gb(pp.size)} on disk, {gb(tracker.fetched)} downloaded now; "
                   f"serve it with: node-agent serve --model {escape(ref)}", highlight=False)
+
+
+def _quantization_for(pp, hub, settings, host):
+    """The quantization a plan with ``model.quantize: auto`` needs after the bf16 download, checked now."""
+    from agent.planner.types import VllmPlan
+    from agent.quantize.auto import prepare_for
+
+    primary = pp.plan.primary
+    item = next((i for i in pp.items if i.variant.engine == "vllm"), None)
+    if not isinstance(primary, VllmPlan) or not primary.quantize or item is None:
+        return None
+    repo, commit = item.listing.repo, item.listing.commit
+    return prepare_for(pp.remote.ref.text, pp.remote.ref.label, hub.snapshot(repo, commit), pp.remote.spec,
+                       f"{repo}@{commit}", settings, host)
+
+
+def _run_quantization(quant, settings, out: Console, as_json: bool):
+    from agent.cli.quantize_cmd import _with_bar
+    from agent.quantize import job as qjob
+    from agent.quantize.quality import describe
+    from agent.quantize.runner import Progress
+
+    progress = Progress(quant.source.label, quant.source.spec.arch.num_layers, quant.cost.seconds)
+    if as_json:
+        _emit({"event": "quantize", "variant": quant.variant, "reasons": quant.reasons()})
+        result = qjob.execute(quant, settings, progress, say=lambda m: _emit({"event": "note", "message": m}),
+                              on_event=_emit)
+        _emit({"event": "registered", "path": str(result.path), "repo": result.pull.repo, "quality": result.quality})
+    else:
+        out.print(f"[bold]quantizing[/] to {escape(quant.variant)} (model.quantize: auto; no published checkpoint)",
+                  highlight=False)
+        for line in quant.reasons():
+            out.print(f"  - {escape(line)}", highlight=False)
+        result = _with_bar(quant, settings, progress, out)
+        out.print(f"  {escape(describe(result.quality))}", highlight=False)
+    return result
 
 
 def _emit(obj: dict) -> None:
@@ -134,7 +174,8 @@ def models(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
     rows = [{"ref": p.ref, "engine": p.engine, "format": p.format, "quant": p.quant, "repo": p.repo,
              "revision": p.revision, "commit": p.commit, "file": p.file, "size_bytes": p.size,
              "pulled_at": round(p.pulled_at, 3), "last_used": round(p.last_used, 3) if p.last_used else None,
-             "in_use": store.in_use(p.repo)} for p in pulls]
+             "in_use": store.in_use(p.repo), "quantized": p.quantized,
+             "degraded": bool((p.quantized or {}).get("quality", {}).get("degraded"))} for p in pulls]
     if as_json:
         sys.stdout.write(json.dumps({"cache_dir": str(store.hub.cache_dir), "models": rows}, indent=2) + "\n")
         return
@@ -148,6 +189,8 @@ def models(as_json: JsonOpt = False, config: ConfigOpt = None) -> None:
         t.add_column(col)
     for r in rows:
         variant = r["file"] or {"hf": "bf16"}.get(r["format"], r["quant"] or r["format"])
+        if r["quantized"]:
+            variant += " (made here, DEGRADED: see models --json)" if r["degraded"] else " (made here)"
         t.add_row(escape(r["ref"]), r["engine"], escape(variant), escape(f"{r['repo']}@{r['revision']} ({r['commit'][:10]})"),
                   gb(r["size_bytes"]), _ago(r["pulled_at"]), _ago(r["last_used"]), "serving" if r["in_use"] else "")
     console.print(t)

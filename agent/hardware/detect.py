@@ -104,6 +104,7 @@ def build_host_info(host: HostReading, reading: NvmlReading, cuda_visible: str |
         cpu_logical_cores=host.logical_cores,
         ram_total_bytes=host.ram_total_bytes,
         ram_available_bytes=host.ram_available_bytes,
+        cpu_avx512=host.avx512,
         gpus=gpus,
         links=tuple(sorted(links, key=lambda l: (l.a, l.b))),
         driver_version=reading.driver_version,

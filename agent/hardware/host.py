@@ -20,6 +20,17 @@ class HostReading:
     logical_cores: int
     ram_total_bytes: int
     ram_available_bytes: int
+    avx512: bool | None = None  # the CPU has AVX-512F (None: not known, e.g. a profile)
+
+
+def _avx512(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return "avx512f" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -43,4 +54,5 @@ def read_host() -> HostReading:
         logical_cores=logical,
         ram_total_bytes=mem.total,
         ram_available_bytes=mem.available,
+        avx512=_avx512(),
     )

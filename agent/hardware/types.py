@@ -93,6 +93,9 @@ class HostInfo:
     hidden_gpus: int = 0  # devices NVML sees that CUDA_VISIBLE_DEVICES hides
     source: str = "nvml"  # "nvml" or "profile:<name>"; informative only, never branched on
     notes: tuple[str, ...] = field(default=())
+    # AVX-512F on the CPU (None: not known, as for a profile). vLLM's CPU build has its W4A16
+    # kernel (cpu_gemm_wna16) only in its AVX-512 library, so W4A16 checkpoints need it there.
+    cpu_avx512: bool | None = None
 
     def link(self, a: int, b: int) -> GpuLink | None:
         """The link between CUDA GPUs ``a`` and ``b`` (order does not matter)."""

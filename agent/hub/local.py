@@ -39,6 +39,9 @@ class LocalModel:
     pulls: tuple[Pull, ...] = ()  # the hub pulls behind it (for serve locks and last-used)
     missing: tuple[str, ...] = ()  # engines whose variant is not (or not intact) on disk
     damaged: tuple[str, ...] = ()  # files of a pull that no longer match their checksum
+    # Variants `node-agent quantize` made for this model (spec, checkpoint, record), newest first:
+    # ``serve`` starts vLLM on the first of (vllm_spec, *these) whose plan fits.
+    alternates: tuple[tuple[ModelSpec, Path, Pull], ...] = ()
 
 
 def hub_for(settings: Settings) -> Hub:
@@ -60,13 +63,28 @@ def resolve_local(settings: Settings) -> LocalModel:
 def _plain(settings: Settings) -> LocalModel:
     spec = resolve_model(settings.model.ref)
     hf_dir = Path(spec.local_path) if spec.origin == "hf-config" and spec.local_path else None
+    alternates: tuple = ()
+    if hf_dir is not None:
+        key = str(hf_dir.resolve())
+        alternates = _made_here(Store(hub_for(settings)), lambda p: p.ref == key, spec.name)
     if settings.model.gguf:
         gguf = Path(settings.model.gguf)
     elif spec.origin == "gguf" or (spec.name == DEFAULT_CARD and spec.local_path):
         gguf = Path(spec.local_path)  # type: ignore[arg-type]
     else:
         gguf = None
-    return LocalModel(spec.name, spec if hf_dir else None, hf_dir, gguf, read_gguf(gguf) if gguf else None)
+    return LocalModel(spec.name, spec if hf_dir else None, hf_dir, gguf, read_gguf(gguf) if gguf else None,
+                      pulls=tuple(a[2] for a in alternates), alternates=alternates)
+
+
+def _made_here(store: Store, wanted, name: str) -> tuple[tuple[ModelSpec, Path, Pull], ...]:
+    from agent.quantize.register import variants
+
+    out = []
+    for pull in variants(store, wanted):
+        snapshot = store.hub.snapshot(pull.repo, pull.commit)
+        out.append((replace(load_hf_config(snapshot), name=name), snapshot, pull))
+    return tuple(out)
 
 
 def matches(pull: Pull, ref: HubRef) -> bool:
@@ -82,6 +100,8 @@ def find_pulled(ref: HubRef, store: Store) -> LocalModel:
     by_engine: dict[str, Pull] = {}
     damaged: list[str] = []
     for pull in store.all_pulls():  # newest first
+        if pull.quantized is not None:  # made here: an alternate, below
+            continue
         if pull.engine in by_engine or not pull.complete or not matches(pull, ref):
             continue
         bad = damaged_files(store, pull)
@@ -93,6 +113,10 @@ def find_pulled(ref: HubRef, store: Store) -> LocalModel:
     hub = store.hub
     hf_dir = hub.snapshot(vllm.repo, vllm.commit) if vllm else None
     vllm_spec = replace(load_hf_config(hf_dir), name=ref.label) if hf_dir else None
+    alternates = _made_here(store, lambda p: matches(p, ref), ref.label)
+    if vllm_spec is None and alternates:  # only a variant made here: it is the checkpoint
+        vllm_spec, hf_dir, vllm = alternates[0]
+        alternates = alternates[1:]
     gguf = hub.snapshot(gguf_pull.repo, gguf_pull.commit) / gguf_pull.file if gguf_pull else None  # type: ignore[operator]
     if gguf is None and ref.card and ref.file is None:
         gguf = packaged_gguf(ref.card)  # the default model's GGUF ships in a Python package
@@ -101,8 +125,8 @@ def find_pulled(ref: HubRef, store: Store) -> LocalModel:
     if ref.card is None:  # without a card, a repo has no GGUF to miss, a repo:file no checkpoint
         have["llamacpp" if ref.file is None else "vllm"] = True
     missing = tuple(e for e, present in have.items() if not present)
-    pulls = tuple(p for p in (vllm, gguf_pull) if p)
-    return LocalModel(ref.label, vllm_spec, hf_dir, gguf, gguf_spec, pulls, missing, tuple(damaged))
+    pulls = tuple(p for p in (vllm, gguf_pull, *(a[2] for a in alternates)) if p)
+    return LocalModel(ref.label, vllm_spec, hf_dir, gguf, gguf_spec, pulls, missing, tuple(damaged), alternates)
 
 
 def packaged_gguf(card: str) -> Path | None:

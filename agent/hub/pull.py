@@ -18,12 +18,14 @@ from agent.catalog.types import ModelSpec
 from agent.hardware.types import HostInfo
 from agent.hub.client import FileSource, Hub, Listing, RemoteFile
 from agent.hub.errors import NoVariant, NotEnoughDisk
+from agent.hub.local import hub_for, matches
 from agent.hub.refs import HubRef
 from agent.hub.remote import RemoteModel, describe, index_of
 from agent.hub.select import Variant, choose, files_for
 from agent.hub.store import Pull, PulledFile, Store, stat_key
 from agent.hub.transfer import Sink, blob_path, fetch
 from agent.learned_store import plan_inputs
+from agent.quantize.register import with_variants
 from agent.planner import NodePlan, Pins, plan
 from agent.settings import Settings
 
@@ -84,6 +86,7 @@ def make_plan(ref: HubRef, settings: Settings, host: HostInfo, pins: Pins, hub: 
     remote = describe(ref, hub)
     if gguf_quant:
         remote = replace(remote, spec=pin_gguf(remote.spec, gguf_quant))
+    remote = replace(remote, spec=with_variants(remote.spec, Store(hub_for(settings)), lambda p: matches(p, ref)))
     return remote, plan(host, remote.spec, settings, pins, vllm_cpu=vllm_cpu,
                         **plan_inputs(settings, profile=bool(settings.profile)))
 

@@ -23,6 +23,8 @@ _VLLM_SIDE_FILES = re.compile(
     r"|vocab\.(json|txt)|merges\.txt|[\w.-]+\.model|[\w.-]+\.tiktoken|chat_template\.(jinja|json)"
     r"|preprocessor_config\.json|quant(ize)?_config\.json|[\w.-]+\.safetensors\.index\.json)$")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# The repo owner of variants `node-agent quantize` made (agent/quantize/register.py): on disk, not on a hub.
+LOCAL_VARIANT_OWNER = "node-agent-quantized"
 _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -70,11 +72,20 @@ def choose(plan: NodePlan, model: ModelSpec, revision: str | None = None,
             continue
         if isinstance(p, VllmPlan):
             src = vllm_source(model, p.quantization)
+            if p.quantize:  # the agent makes this checkpoint itself, from the bf16 one
+                src = model.source("hf")
+            if src is not None and (src.repo or "").startswith(LOCAL_VARIANT_OWNER + "/"):
+                notes.append(f"vllm: {src.quant_type or src.format} variant made by `node-agent quantize` is on disk "
+                             f"({src.repo}); nothing to fetch")
+                continue
             if src is None or not src.repo:
                 notes.append(f"vllm: no {p.quantization} checkpoint is known for {model.name}")
                 continue
             why = (f"the vLLM plan runs {'bf16' if p.quantization == 'none' else p.quantization}"
                    + (" (quantized on load)" if p.quantization == "fp8" and src.format == "hf" else ""))
+            if p.quantize:
+                why = (f"the vLLM plan runs {p.quantize}, which no repo provides: the bf16 weights, quantized on "
+                       f"this node after the download (model.quantize: auto)")
             variants.append(Variant("vllm", src.repo, _rev(src.repo, revision, pinned_repo), src.format,
                                     src.quant_type, None, why))
         else:

@@ -63,6 +63,10 @@ class Pull:
     pulled_at: float
     last_used: float | None = None
     complete: bool = True
+    # A variant made on this node by ``node-agent quantize`` (agent/quantize/register.py): the
+    # scheme, group size, layers left 16-bit, calibration, seed, the bf16 checkpoint it came from,
+    # and the quality check's numbers and verdict. None for a pull from the hub.
+    quantized: dict | None = None
 
     @property
     def size(self) -> int:
@@ -192,4 +196,5 @@ def _pull_from(d: dict) -> Pull:
                              tuple(f["verified"]) if f.get("verified") else None) for f in d.get("files", ()))
     keys = {k: d.get(k) for k in ("ref", "engine", "format", "quant", "repo", "revision", "commit", "file",
                                   "pulled_at", "last_used")}
-    return Pull(files=files, complete=d.get("complete", True), **keys)
+    quantized = d.get("quantized") if isinstance(d.get("quantized"), dict) else None
+    return Pull(files=files, complete=d.get("complete", True), quantized=quantized, **keys)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from agent.catalog.types import ModelSpec
 from agent.errors import PlanError
 from agent.hardware.types import HostInfo
 from collections.abc import Mapping
 
+from agent.planner import quantize_option
 from agent.planner.learned import Measured
 from agent.planner.llamacpp import plan_llamacpp
 from agent.planner.types import LlamaCppPlan, NodePlan, Pins, VllmPlan
@@ -47,27 +50,71 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
                        f"{rules.label}, the newest release modelled")
     if want_vllm and not host.gpus and vllm_cpu:
         cpu = plan_vllm_cpu(host, model, s, settings.engines.vllm_cpu_kvcache_gib, pins, rules.label, measured)
+        made = None if cpu.fits else _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)
+        if made is not None:
+            cpu = made
         if cpu.fits or pins.engine == "vllm":
             fallback = plan_llamacpp(host, model, s, Pins(), role="fallback") if "llamacpp" in chain else None
             return NodePlan(model.name, "vllm", cpu, fallback, (),
-                            ("no GPU, but vLLM's CPU build is installed: it serves, llama.cpp stands behind it",))
+                            (*reasons, "no GPU, but vLLM's CPU build is installed: it serves, llama.cpp stands "
+                                       "behind it"))
         refusals = [cpu.refusal]
         reasons.append("vLLM's CPU build cannot serve it here, so llama.cpp serves alone: " + cpu.refusal)
     elif want_vllm:
         chosen, alternatives, _, refusals = plan_vllm(host, model, s, pins, reserve_fallback="llamacpp" in chain,
                                                       rules=rules, measured=measured)
+        if chosen is None:
+            chosen = _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)
         if chosen is not None:
             fallback = plan_llamacpp(host, model, s, Pins(), role="fallback") if "llamacpp" in chain else None
             return NodePlan(model.name, "vllm", chosen, fallback, tuple(alternatives),
                             (*reasons, "vLLM fits on the GPUs: it serves, llama.cpp stands behind it"), tuple(refusals))
         if pins.engine == "vllm":
             why = "; ".join(refusals) or "no layout fits"
-            return NodePlan(model.name, "vllm", _vllm_refusal(model, host, refusals), None, (), (why,), tuple(refusals))
+            return NodePlan(model.name, "vllm", _vllm_refusal(model, host, refusals), None, (), (why, *reasons),
+                            tuple(refusals))
         reasons.append("vLLM cannot serve it here, so llama.cpp serves alone: " + "; ".join(refusals[-2:]))
     elif pins.engine == "auto" and "vllm" not in chain:
         reasons.append("vLLM is not in engines.chain: llama.cpp serves alone")
     primary = plan_llamacpp(host, model, s, pins, role="primary")
     return NodePlan(model.name, "llamacpp", primary, None, (), tuple(reasons), tuple(refusals))
+
+
+def _quantized_here(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins, rules, measured,
+                    vllm_cpu: bool, reasons: list[str]) -> VllmPlan | None:
+    """When no published checkpoint fits: would one the agent quantizes here fit? Appends the
+    hint to ``reasons``; returns the plan when ``model.quantize`` is auto and it fits."""
+    if pins.quantization not in (None, "awq", "compressed-tensors"):
+        return None
+    found = quantize_option.candidate(model, settings)
+    if found is None:
+        return None
+    hyp, choice = found
+    made = hyp.sources[-1]
+    s = settings.planner
+    if host.gpus:
+        chosen, _, _, _ = plan_vllm(host, hyp, s, replace(pins, quantization="compressed-tensors"),
+                                    reserve_fallback="llamacpp" in settings.engines.chain, rules=rules,
+                                    measured=measured)
+    elif vllm_cpu:
+        chosen = plan_vllm_cpu(host, hyp, s, settings.engines.vllm_cpu_kvcache_gib, pins, rules.label, measured,
+                               source=made)
+    else:
+        return None
+    if chosen is None or not chosen.fits:
+        return None
+    c = quantize_option.cost(model, choice, settings, host)
+    blocked = quantize_option.why_not_here(c, host, settings)
+    auto = settings.model.quantize == "auto"
+    if blocked:
+        reasons.append(f"no {choice.method.upper()} checkpoint, and this host cannot make one: {blocked}")
+        return None
+    reasons.append(quantize_option.hint(choice, c, auto))
+    if not auto:
+        return None
+    return replace(chosen, quantize=choice.label,
+                   reasons=(*chosen.reasons, f"weights: {choice.label} quantized on this node from the bf16 "
+                                             f"checkpoint (model.quantize: auto), ~{c.minutes} min"))
 
 
 def _vllm_refusal(model: ModelSpec, host: HostInfo, refusals: list[str]) -> VllmPlan:

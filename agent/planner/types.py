@@ -66,6 +66,12 @@ class VllmPlan:
     vllm_version: str = ""  # the release whose profiling rules the plan models
     chunked_prefill: bool = True
     measured_notes: tuple[str, ...] = ()  # set when the plan used this host's measured terms
+    # The variant the agent must make on this node first (``model.quantize: auto``), e.g.
+    # "awq-w4a16-g64"; None when the checkpoint exists (agent/planner/quantize_option.py).
+    quantize: str | None = None
+    # What is known of the checkpoint when `node-agent quantize` made it: variant, scheme, quality
+    # check and verdict (set by ``serve``, reported in /v1/node); None for a published checkpoint.
+    variant: dict | None = None
 
     engine = "vllm"
 

@@ -108,7 +108,8 @@ class NodeMonitor:
         states = describe_states(router.routes)
         before = self.progress_source() if self.progress_source is not None else None
         if before is not None and not self.ever_ready:
-            return Readiness("loading", None, before.get("summary") or "preparing the model", {"download": before})
+            kind = before.get("kind", "download")  # download (model.pull: auto) | quantize (model.quantize: auto)
+            return Readiness("loading", None, before.get("summary") or "preparing the model", {kind: before})
         starting = [r for r in router.routes if r.backend.state is BackendState.STARTING]
         waiting = [r for r in router.routes
                    if r.backend.state in (BackendState.STOPPED, BackendState.FAILED) and not r.gave_up]

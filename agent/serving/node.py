@@ -137,7 +137,8 @@ def plan_summary(backend) -> dict:
                 "pipeline_parallel_size": p.pipeline_parallel_size, "quantization": p.quantization,
                 "kv_cache_dtype": p.kv_cache_dtype, "gpu_memory_utilization": p.gpu_memory_utilization,
                 "max_model_len": p.max_model_len, "max_num_seqs": p.max_num_seqs,
-                "kv_cache_tokens": p.kv_cache_tokens}
+                "kv_cache_tokens": p.kv_cache_tokens,
+                **({"checkpoint": p.variant} if getattr(p, "variant", None) else {})}
     return {**common, "quantization": p.quant_type, "n_gpu_layers": p.n_gpu_layers, "n_ctx": p.n_ctx,
             "instances": p.instances, "n_threads": p.n_threads, "kv_cache_tokens": p.n_ctx * p.instances}
 

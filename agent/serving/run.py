@@ -14,7 +14,7 @@ import importlib.util
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from agent.backends.base import Backend
@@ -23,6 +23,7 @@ from agent.hardware.types import HostInfo
 from agent.hub.autopull import model_for_serve
 from agent.hub.local import LocalModel, hub_for, resolve_local
 from agent.hub.store import Store
+from agent.quantize.auto import for_serve as quantize_for_serve
 from agent.planner import Pins, plan
 from agent.planner.llamacpp import plan_llamacpp
 from agent.serving.router import Router
@@ -102,12 +103,12 @@ def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None
             from agent.learned_store import LearnedStore, plan_inputs, state_dir
 
             store = LearnedStore(state_dir(settings.state_dir))
-            node = plan(host, local.vllm_spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus,
-                        **plan_inputs(settings))
+            hf_dir, spec, node, why = pick_checkpoint(local, settings, host, plan_inputs(settings))
+            notes += why
             if node.fits:
                 gpu = min(host.gpus, key=lambda g: g.memory_total_bytes).name if host.gpus else "cpu"
                 backends.append(VllmBackend(node.primary, hf_dir, name, settings.engines.vllm_cpu_kvcache_gib,
-                                            physical, learn=learner(store.record, node.primary, local.vllm_spec, gpu)))
+                                            physical, learn=learner(store.record, node.primary, spec, gpu)))
             else:
                 notes.append(f"vLLM skipped: {node.primary.refusal}")
     gguf = local.gguf
@@ -124,6 +125,29 @@ def assemble(settings: Settings, host: HostInfo, local: LocalModel | None = None
     if not backends:
         raise UsageError("no engine can serve this model here: " + "; ".join(notes))
     return Assembly(backends, name, tuple(notes))
+
+
+def pick_checkpoint(local: LocalModel, settings: Settings, host: HostInfo, inputs: dict):
+    """The checkpoint vLLM starts on: the model's own when its plan fits, else the first variant
+    ``node-agent quantize`` made for it whose plan fits (agent/quantize/register.py). Returns
+    (directory, spec, plan, notes); the plan carries what is known of a variant (its quality)."""
+    from agent.quantize.register import describe_variant
+
+    own = next((p for p in local.pulls if p.quantized and local.hf_dir and p.commit == local.hf_dir.name), None)
+    candidates = [(local.vllm_spec, local.hf_dir, own), *local.alternates]
+    notes: list[str] = []
+    first = None
+    for spec, hf_dir, pull in candidates:
+        node = plan(host, spec, settings, Pins(engine="vllm"), vllm_cpu=not host.gpus, **inputs)
+        first = first or (hf_dir, spec, node)
+        if node.fits:
+            if pull is not None and pull.quantized is not None:
+                node = replace(node, primary=replace(node.primary, variant=describe_variant(pull)))
+                if hf_dir != local.hf_dir:
+                    notes.append(f"vLLM runs {pull.quant} (made by `node-agent quantize`): the model's own "
+                                 "checkpoint does not fit here")
+            return hf_dir, spec, node, notes
+    return (*first, notes)  # type: ignore[misc]
 
 
 def _cluster(settings: Settings, host: HostInfo, local: LocalModel) -> ClusterRuntime | None:
@@ -179,6 +203,8 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
     # before CUDA initialises in this process (llama.cpp's CUDA build does so when it loads).
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     local, download = model_for_serve(settings, host, vllm_cpu=not host.gpus)
+    local, quantization = quantize_for_serve(local, download, settings, host, vllm_cpu=not host.gpus)
+    before = [step for step in (download, quantization) if step is not None]  # run in order, then the engines
     cluster = _cluster(settings, host, local)
     parts = assemble(settings, host, local, cluster)
     for note in parts.notes:
@@ -186,21 +212,24 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
     notifier = notifier or Notifier()
     router = Router(parts.backends, settings.router, settings.admission)
     node = build_node(settings, router, parts.model_name, gpu_sampler(settings, host), notifier, host.hostname,
-                      progress_source=download.progress if download else None)
+                      progress_source=(lambda: next((p for p in (s.progress() for s in before) if p), None))
+                      if before else None)
     store = Store(hub_for(settings))
     store.touch(list(local.pulls))
     exit_code = 0
 
     async def start_backends() -> None:
-        """The download first (``model.pull: auto``), then the engines."""
+        """The download first (``model.pull: auto``), the quantization (``model.quantize: auto``),
+        then the engines."""
         nonlocal exit_code
-        if download is not None:
+        for step in before:
+            what = "download" if step is download else "quantization"
             try:
-                await _run_download(download, notifier)
+                await _run_download(step, notifier)
             except Exception as exc:  # noqa: BLE001 - any failure ends serve with its message
-                log.critical("the download failed: %s", exc)
+                log.critical("the %s failed: %s", what, exc)
                 exit_code = getattr(exc, "exit_code", 1)
-                notifier.stopping(f"download failed: {exc}")
+                notifier.stopping(f"{what} failed: {exc}")
                 server.should_exit = True
                 return
         await router.start()

@@ -107,7 +107,7 @@ def make_tiny_llama(out_dir: Path) -> TinyModel:
     """Build (or reuse) the tiny random Llama under ``out_dir``; deterministic for a given seed."""
     out_dir = Path(out_dir)
     model = TinyModel(hf_dir=out_dir / "hf", gguf_path=out_dir / "tiny-llama-f32.gguf")
-    _build_once(out_dir, _TINY_RECIPE, _write_tiny_llama)
+    build_once(out_dir, _TINY_RECIPE, _write_tiny_llama)
     return model
 
 
@@ -128,11 +128,11 @@ def make_smollm2_hf(out_dir: Path) -> Path:
     GGUF's chat template. Takes 30-45 s on 2 cores; the result is ~270 MB.
     """
     out_dir = Path(out_dir)
-    _build_once(out_dir, _SMOLLM2_RECIPE, _write_smollm2_hf)
+    build_once(out_dir, _SMOLLM2_RECIPE, _write_smollm2_hf)
     return out_dir
 
 
-def _build_once(out_dir: Path, recipe: str, build: Callable[[Path], None]) -> None:
+def build_once(out_dir: Path, recipe: str, build: Callable[[Path], None]) -> None:
     """Run ``build(staging)`` unless ``out_dir`` already holds this recipe's complete output."""
     marker = out_dir / _MARKER
     if marker.is_file() and marker.read_text() == recipe:
