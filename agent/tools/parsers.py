@@ -23,6 +23,7 @@ import json
 import re
 import secrets
 import string
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -61,7 +62,7 @@ def _call(obj: Any, args_keys: tuple[str, ...], new_id) -> ToolCall | None:
     return ToolCall(obj["name"], "{}", new_id())
 
 
-class Parser:
+class Parser(ABC):
     """A format: ``parse`` a whole answer, or ``stream()`` one as it arrives."""
 
     name = ""
@@ -77,18 +78,21 @@ class Parser:
             content = content.strip() or None
         return content, calls
 
+    @abstractmethod
     def stream(self) -> Stream:
-        raise NotImplementedError
+        """A fresh incremental parser for one answer."""
 
 
-class Stream:
+class Stream(ABC):
     """Feed text as it arrives; each call returns what can be released now."""
 
+    @abstractmethod
     def feed(self, text: str) -> list[Event]:
-        raise NotImplementedError
+        """The events ``text`` completes (content strings and tool calls)."""
 
+    @abstractmethod
     def close(self) -> list[Event]:
-        raise NotImplementedError
+        """What is left at the end of the answer."""
 
 
 def _partial(text: str, marker: str) -> int:

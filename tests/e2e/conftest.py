@@ -28,6 +28,20 @@ def node_agent() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "agent"]
 
 
+def vllm_first(hf_dir: Path, gguf: Path, queue_timeout_s: float, model_name: str = "smollm2") -> dict:
+    """Settings of a node serving SmolLM2 with vLLM first and llama.cpp behind it, for the tests
+    that SIGKILL vLLM's EngineCore. After the kill every request in flight queues for llama.cpp's
+    one instance while vLLM restarts on the same 2 cores, so the queue's deadline
+    (``queue_timeout_s``) must not be what such a test measures."""
+    return {
+        "model": {"ref": str(hf_dir), "gguf": str(gguf)},
+        "planner": {"target_context": 2048, "min_context": 512, "max_num_seqs": 8},
+        "router": {"restart_backoff_s": 1.0},
+        "admission": {"queue_timeout_s": queue_timeout_s},
+        "server": {"model_name": model_name},
+    }
+
+
 @dataclass
 class Server:
     """A running `node-agent serve` process."""

@@ -12,6 +12,7 @@ import openai
 import psutil
 import pytest
 
+from tests.e2e.conftest import vllm_first
 from tests.support.engines import NEEDS_VLLM
 
 pytestmark = NEEDS_VLLM
@@ -22,15 +23,7 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon who lear
 
 @pytest.fixture(scope="module")
 def server(start_server, smollm2_hf_dir, smollm2_gguf_path):
-    s = start_server({
-        "model": {"ref": str(smollm2_hf_dir), "gguf": str(smollm2_gguf_path)},
-        "planner": {"target_context": 2048, "min_context": 512, "max_num_seqs": 8},
-        "router": {"restart_backoff_s": 1.0},
-        # The 8 failed-over requests queue for llama.cpp's one instance while vLLM restarts on the
-        # same 2 cores: the queue's deadline must not be what this test measures.
-        "admission": {"queue_timeout_s": 300},
-        "server": {"model_name": MODEL},
-    })
+    s = start_server(vllm_first(smollm2_hf_dir, smollm2_gguf_path, queue_timeout_s=300, model_name=MODEL))
     s.wait_ready(backend="vllm")
     return s
 

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.e2e import openai_checks as checks
+from tests.e2e.conftest import vllm_first
 from tests.e2e.test_serve_failover import engine_core_pid
 from tests.support.engines import NEEDS_VLLM
 
@@ -28,14 +29,7 @@ ASK_CITIES = [{"role": "user", "content": "List eight European cities as JSON."}
 
 @pytest.fixture(scope="module")
 def server(start_server, smollm2_hf_dir, smollm2_gguf_path):
-    s = start_server({
-        "model": {"ref": str(smollm2_hf_dir), "gguf": str(smollm2_gguf_path)},
-        "planner": {"target_context": 2048, "min_context": 512, "max_num_seqs": 8},
-        "router": {"restart_backoff_s": 1.0},
-        # after the kill both answers queue for llama.cpp's one slot on 2 busy cores
-        "admission": {"queue_timeout_s": 240},
-        "server": {"model_name": MODEL},
-    })
+    s = start_server(vllm_first(smollm2_hf_dir, smollm2_gguf_path, queue_timeout_s=240, model_name=MODEL))
     s.wait_ready(backend="vllm")
     return s
 

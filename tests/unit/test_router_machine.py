@@ -161,7 +161,9 @@ class RouterMachine(RuleBasedStateMachine):
                     if b.state is BackendState.FAILED:
                         break
                 else:
-                    self.loop.run_until_complete(self.router.complete(GenerationRequest("final", 2, prompt="w")))
+                    # bounded: a request that never ends fails the test instead of hanging the suite
+                    self.loop.run_until_complete(asyncio.wait_for(
+                        self.router.complete(GenerationRequest("final", 2, prompt="w")), 5))
                     if all(r.breaker.state == "closed" and r.backend.state in SERVING for r in self.router.routes):
                         break
                 self.advance(0.06)
@@ -169,7 +171,7 @@ class RouterMachine(RuleBasedStateMachine):
                 [r.breaker.describe() for r in self.router.routes]
             assert all(r.backend.state in SERVING for r in self.router.routes)
         finally:
-            self.loop.run_until_complete(self.router.stop())
+            self.loop.run_until_complete(asyncio.wait_for(self.router.stop(), 10))
             self.loop.close()
 
 
