@@ -130,7 +130,8 @@ class ClusterVllmBackend(VllmBackend):
                 raise BackendStartError(self.name, self._lost_reason)
             if time.monotonic() > deadline:
                 raise BackendStartError(self.name, f"{', '.join(waiting)} did not start its engine within "
-                                                   f"{self.settings.cluster.join_timeout_s:g} s (its agent's log says why)")
+                                                   f"{self.settings.cluster.join_timeout_s:g} s ("
+                                                   f"{self.coordinator.not_joined()}; its agent's log says why)")
             await asyncio.sleep(GUARD_S)
 
     def _fail_start(self, reason: str) -> None:

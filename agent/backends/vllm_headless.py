@@ -186,8 +186,11 @@ class HeadlessBackend:
 
     def _kill(self, grace_s: float = STOP_GRACE_S) -> None:
         """End the engine's whole process group: SIGTERM, then SIGKILL after ``grace_s``. The
-        group, because vLLM's worker processes outlive a killed executor and keep their rank."""
-        proc, self._proc = self._proc, None
+        group, because vLLM's worker processes outlive a killed executor and keep their rank.
+        Runs in a thread; each resource is taken from the backend at once, so a ``stop`` while the
+        monitor's kill is still running finds nothing left to end twice."""
+        proc, errors, job = self._proc, self._errors, self._job
+        self._proc = self._errors = self._job = None
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -198,13 +201,11 @@ class HeadlessBackend:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if self._errors is not None:
-            self._errors.close()
-            self._errors = None
-        if self._job is not None:
+        if errors is not None:
+            errors.close()
+        if job is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self._job)
-            self._job = None
+                os.unlink(job)
 
     async def stop(self) -> None:
         if self._monitor is not None and self._monitor is not asyncio.current_task():

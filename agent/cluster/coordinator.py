@@ -154,6 +154,21 @@ class Coordinator:
         """Members whose engine has not joined the forming group yet."""
         return [m.name for m in self.members.values() if m.joined != self.epoch]
 
+    def not_joined(self) -> str:
+        """What each member that has not joined the forming group last reported (for a join timeout)."""
+        now = self._clock()
+        out = []
+        for m in self.members.values():
+            if m.joined == self.epoch:
+                continue
+            if m.beat is None:
+                out.append(f"{m.name} never reported")
+                continue
+            engine = m.beat.engine + (f" for group {m.beat.engine_epoch}" if m.beat.engine_epoch else "")
+            error = f", its last engine error: {m.beat.error}" if m.beat.error else ""
+            out.append(f"{m.name} reported its engine {engine} {now - m.seen:.1f} s ago{error}")
+        return "; ".join(out)
+
     def running(self) -> None:
         """Every rank's engine is in the group and the head's engine is built."""
         self.group = "running"

@@ -250,6 +250,18 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
         notifier.stopping("no backend can serve; exiting")
         server.should_exit = True
 
+    def task_ended(task: asyncio.Task) -> None:
+        """A background task that raised (a bug) would leave the agent answering with nothing behind it
+        (no monitor, no heartbeats): say so with its traceback and exit 1, so systemd restarts it."""
+        nonlocal exit_code
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.critical("the agent's %s task failed; exiting", task.get_name(), exc_info=(type(exc), exc, exc.__traceback__))
+        exit_code = exit_code or 1
+        notifier.stopping(f"the {task.get_name()} task failed: {exc}")
+        server.should_exit = True
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         tasks = [asyncio.create_task(start_backends(), name="start-backends"),
@@ -257,6 +269,8 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
                  asyncio.create_task(notifier.watchdog_loop(), name="watchdog"),
                  asyncio.create_task(give_up_watch(server), name="give-up")]
         tasks += [asyncio.create_task(job, name="cluster") for job in (cluster.tasks() if cluster else [])]
+        for task in tasks:
+            task.add_done_callback(task_ended)
         try:
             yield
         finally:
@@ -276,6 +290,8 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
     server = Server(config)
     with store.serving({p.repo for p in local.pulls} | (download.repos if download else set())):
         server.run()
-    if exit_code:
+    if exit_code == EXIT_NOTHING_SERVES:
         log.critical("exiting with status %d: no backend can serve", exit_code)
+    elif exit_code:
+        log.critical("exiting with status %d (the reason is logged above)", exit_code)
     return exit_code

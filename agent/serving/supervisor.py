@@ -51,6 +51,15 @@ class Route:
         return self.backend.name
 
 
+@dataclass
+class _Watch:
+    """A route's restart loop between steps: the next wait, and whether the last start failed
+    (then it starts again whatever state the backend was left in)."""
+
+    delay: float
+    retry: bool = False
+
+
 class Supervisor:
     """Owns every backend's lifecycle; the router only reads the states."""
 
@@ -110,37 +119,64 @@ class Supervisor:
             except BackendStartError as exc:
                 log.error("%s did not start: %s", route.name, exc.reason)
                 return False
+            except Exception:  # noqa: BLE001 - a bug in a backend's start must not end its supervision
+                log.exception("%s did not start: its start raised an unexpected error (a bug; it is stopped and "
+                              "retried like any failed start)", route.name)
+                try:
+                    await route.backend.stop()
+                except Exception:  # noqa: BLE001
+                    log.exception("%s: stopping it after that error failed too", route.name)
+                return False
         route.breaker.reset()
         return True
 
     async def _watch(self, route: Route) -> None:
         """Restart a failed backend with bounded exponential backoff; give it up after
-        ``max_restart_attempts`` failed starts in a row."""
-        delay = self.settings.restart_backoff_s
+        ``max_restart_attempts`` failed starts in a row. A bug on the way (an unexpected exception,
+        in a start or in waiting for one) is logged with its traceback and counted as a failed
+        start: supervision ends only by ``stop`` or by giving the backend up, never silently."""
+        w = _Watch(self.settings.restart_backoff_s, retry=route.failed_restarts > 0)
         while not self._stopping:
-            if route.backend.state is not BackendState.FAILED:
-                idle = route.breaker.half_open_for_s()
-                if idle is not None and idle >= route.breaker.cooldown_s and \
-                        route.backend.state in (BackendState.READY, BackendState.DEGRADED):
-                    await self._probe(route)
-                await asyncio.sleep(POLL_S)
-                continue
-            if route.failed_restarts >= self.settings.max_restart_attempts:
-                self._give_up(route)
-                return
-            log.warning("%s failed (%s); restarting in %.1f s", route.name, route.backend.health().last_error, delay)
-            await asyncio.sleep(delay)
-            await self._until_startable(route)
-            if not await self._start(route, restart=True):
+            try:
+                if await self._watch_step(route, w):
+                    return
+            except Exception:  # noqa: BLE001 - see the docstring
                 route.failed_restarts += 1
-                log.error("%s restart failed (%d of %d)", route.name, route.failed_restarts,
-                          self.settings.max_restart_attempts)
-                delay = min(delay * 2, self.settings.restart_backoff_max_s)
-                continue
-            route.restarts += 1
-            route.failed_restarts = 0
-            delay = self.settings.restart_backoff_s
-            log.info("%s is back (restart %d)", route.name, route.restarts)
+                w.retry = True
+                log.exception("%s: supervising it raised an unexpected error (a bug; failed start %d of %d); "
+                              "retrying in %.1f s", route.name, route.failed_restarts,
+                              self.settings.max_restart_attempts, w.delay)
+                await asyncio.sleep(w.delay)
+                w.delay = min(w.delay * 2, self.settings.restart_backoff_max_s)
+
+    async def _watch_step(self, route: Route, w: _Watch) -> bool:
+        """One look at the backend: probe a half-open breaker, or restart a failed backend. True: given up."""
+        if route.backend.state is not BackendState.FAILED and not w.retry:
+            idle = route.breaker.half_open_for_s()
+            if idle is not None and idle >= route.breaker.cooldown_s and \
+                    route.backend.state in (BackendState.READY, BackendState.DEGRADED):
+                await self._probe(route)
+            await asyncio.sleep(POLL_S)
+            return False
+        if route.failed_restarts >= self.settings.max_restart_attempts:
+            self._give_up(route)
+            return True
+        log.warning("%s failed (%s); restarting in %.1f s", route.name,
+                    route.backend.health().last_error or "its start failed", w.delay)
+        await asyncio.sleep(w.delay)
+        await self._until_startable(route)
+        w.retry = not await self._start(route, restart=True)
+        if w.retry:
+            route.failed_restarts += 1
+            log.error("%s restart failed (%d of %d)", route.name, route.failed_restarts,
+                      self.settings.max_restart_attempts)
+            w.delay = min(w.delay * 2, self.settings.restart_backoff_max_s)
+            return False
+        route.restarts += 1
+        route.failed_restarts = 0
+        w.delay = self.settings.restart_backoff_s
+        log.info("%s is back (restart %d)", route.name, route.restarts)
+        return False
 
     async def _probe(self, route: Route) -> None:
         """One token through the breaker's probe permit (none when a request holds it already)."""

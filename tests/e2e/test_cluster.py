@@ -53,6 +53,7 @@ class Agent:
     env: dict
     proc: subprocess.Popen | None = None
     seen: set[int] = field(default_factory=set)  # every process it ever had, for the teardown
+    peers: list[Agent] = field(default_factory=list)  # the rest of the group: their logs explain a failure here
 
     @property
     def url(self) -> str:
@@ -82,12 +83,12 @@ class Agent:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tails()}")
             with contextlib.suppress(httpx.HTTPError):
                 if check(self):
                     return time.monotonic() - start
             time.sleep(0.2)
-        raise AssertionError(f"{self.name}: not {what} after {timeout} s:\n{self.tail()}")
+        raise AssertionError(f"{self.name}: not {what} after {timeout} s:\n{self.tails()}")
 
     def wait_vllm(self, timeout: float = GROUP_START_S) -> float:
         def ready(a: Agent) -> bool:
@@ -95,8 +96,16 @@ class Agent:
             return r.status_code == 200 and r.json()["backend"] == "vllm" and r.json()["status"] == "ok"
         return self.wait(ready, "serving from the vLLM group", timeout)
 
-    def tail(self) -> str:
-        return "\n".join(line for line in self.log.read_text(errors="replace").splitlines()[-60:])
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def tails(self) -> str:
+        """This agent's log tail, then its own lines (not vLLM's) from each peer's log."""
+        out = [f"--- {self.name}.log ---", self.tail()]
+        for peer in self.peers:
+            mine = [line for line in peer.log.read_text(errors="replace").splitlines() if " agent." in line]
+            out += [f"--- {peer.name}.log, the agent's own lines ---", *mine[-60:]]
+        return "\n".join(out)
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -161,6 +170,7 @@ def group(tmp_path_factory, smollm2_hf_dir, smollm2_gguf_path):
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(rank)
         agents.append(Agent(name, path, work / f"{name}.log", port, env))
     head, worker = agents
+    head.peers, worker.peers = [worker], [head]
     worker.start()  # a worker may come first: it waits for its head
     head.start()
     try:

@@ -4,6 +4,7 @@ client and plain HTTP (#5)."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 import openai
@@ -123,3 +124,24 @@ def test_nothing_can_serve_exits_3_after_the_retries(start_server, smollm2_gguf_
     log = s.log.read_text()
     assert "llamacpp is given up after 2 failed starts in a row" in log
     assert "exiting with status 3: no backend can serve" in log
+
+
+def test_a_background_task_that_raises_ends_the_agent_with_status_1_and_its_traceback(start_server,
+                                                                                       smollm2_gguf_path, tmp_path):
+    """The readiness monitor (like the cluster heartbeat or the watchdog) raising is a bug; the
+    agent must not stay up answering from stale health: it logs the traceback and exits 1 for
+    systemd to restart it. The fault is injected into the real process by a sitecustomize."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import asyncio\nimport agent.serving.monitor as m\n\n"
+        "async def run(self):\n    await asyncio.sleep(1.0)\n    raise RuntimeError('injected: the monitor broke')\n\n"
+        "m.NodeMonitor.run = run\n")
+    python_path = os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH")) if p)
+    s = start_server({"engines": {"chain": ["llamacpp"]}, "model": {"ref": str(smollm2_gguf_path)},
+                      "planner": {"target_context": 2048}}, env={"PYTHONPATH": python_path})
+    assert s.proc.wait(timeout=120) == 1
+    log = s.log.read_text()
+    assert "the agent's monitor task failed; exiting" in log
+    assert "RuntimeError: injected: the monitor broke" in log and "Traceback" in log
+    assert "exiting with status 1 (the reason is logged above)" in log

@@ -54,6 +54,7 @@ class Script:
     stall: bool = False  # never produce a first token
     hang_after: int | None = None  # produce this many deltas, then hang
     fail_starts: int = 0  # the next N start() calls fail
+    buggy_starts: int = 0  # the next N start() calls raise what no backend should (a bug), left starting
     start_delay: float = 0.0
     context: int = 100
     die_on_count: bool = False  # die while the router prepares the prompt (before generate)
@@ -87,6 +88,9 @@ class FakeBackend:
         self.starts += 1
         if self.script.start_delay:
             await asyncio.sleep(self.script.start_delay)
+        if self.script.buggy_starts:
+            self.script.buggy_starts -= 1
+            raise KeyError("scripted bug in start")
         if self.script.fail_starts:
             self.script.fail_starts -= 1
             self._state.move(BackendState.FAILED, error="scripted start failure")

@@ -222,6 +222,12 @@ def test_a_member_still_joining_is_not_lost_and_a_dissolved_group_hands_out_no_s
     epoch = coord.form(spec, {})
     coord.heartbeat(beat(1, "starting", epoch))
     assert coord.loss() is None and coord.waiting_for() == ["rank 2 (box-2)"]
+    clock.now += 1.5
+    # what a join timeout tells the operator: what the missing member last said about its engine
+    assert coord.not_joined() == "rank 2 (box-2) reported its engine idle 1.5 s ago"
+    coord.heartbeat(beat(2, "idle", error="vLLM's headless engine exited with status 2"))
+    assert coord.not_joined() == ("rank 2 (box-2) reported its engine idle 0.0 s ago, its last engine error: "
+                                  "vLLM's headless engine exited with status 2")
     coord.dissolve("the head is stopping")
     reply = coord.heartbeat(beat(2))
     assert reply.group == "idle" and reply.spec is None and reply.reason == "the head is stopping"

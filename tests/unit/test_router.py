@@ -171,6 +171,53 @@ def test_restart_backs_off_after_failed_starts():
     assert primary.starts == 4  # 1 + 3 failed retries, then up
 
 
+def test_a_start_that_raises_a_bug_is_logged_and_retried_not_left_starting(caplog):
+    """A backend's start raising something other than BackendStartError (a bug) must not end its
+    supervision: the node would stay up with that engine never started again."""
+    primary = FakeBackend("vllm", Script(die_after=1, buggy_starts=2))
+
+    async def run():
+        r = await started(router(primary, FakeBackend("llamacpp"), restart_backoff_s=0.01, restart_backoff_max_s=0.02))
+        for _ in range(300):
+            if primary.state is BackendState.READY:
+                break
+            await asyncio.sleep(0.01)
+        state, failed = primary.state, r.routes[0].failed_restarts
+        await r.stop()
+        return state, failed
+    state, failed = asyncio.run(run())
+    assert state is BackendState.READY and failed == 0 and primary.starts == 3  # 2 bugs, then up
+    bugs = [rec for rec in caplog.records if "raised an unexpected error" in rec.getMessage()]
+    assert len(bugs) == 2 and bugs[0].exc_info[0] is KeyError  # with its traceback
+
+
+def test_a_bug_while_waiting_to_restart_is_logged_and_the_backend_still_comes_back(caplog):
+    class Flaky(FakeBackend):
+        bugs = 1
+
+        async def until_startable(self) -> None:  # the supervisor awaits it before every start
+            if self.starts and self.bugs:  # on the restart, not the first start
+                self.bugs -= 1
+                raise AttributeError("scripted bug in until_startable")
+
+    primary = Flaky("vllm", Script(die_after=1))
+
+    async def run():
+        r = await started(router(primary, FakeBackend("llamacpp")))
+        first, _, _ = await r.complete(req(rid="1"))  # vllm dies -> llama.cpp answers
+        primary.script.die_after = None
+        for _ in range(300):
+            if primary.state is BackendState.READY and r.routes[0].restarts:
+                break
+            await asyncio.sleep(0.01)
+        again, _, _ = await r.complete(req(rid="2"))
+        await r.stop()
+        return first, again
+    assert asyncio.run(run()) == ("llamacpp", "vllm")
+    bugs = [rec for rec in caplog.records if "raised an unexpected error" in rec.getMessage()]
+    assert len(bugs) == 1 and bugs[0].exc_info[0] is AttributeError and "failed start 1 of 5" in bugs[0].getMessage()
+
+
 def test_nothing_serving_is_not_ready():
     async def run():
         r = router(FakeBackend("llamacpp"))  # never started
