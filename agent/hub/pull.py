@@ -21,7 +21,7 @@ from agent.hub.errors import NoVariant, NotEnoughDisk
 from agent.hub.local import hub_for, matches
 from agent.hub.refs import HubRef
 from agent.hub.remote import RemoteModel, describe, index_of
-from agent.hub.select import Variant, choose, files_for
+from agent.hub.select import Variant, already_here, choose, files_for
 from agent.hub.store import Pull, PulledFile, Store, stat_key
 from agent.hub.transfer import Sink, blob_path, fetch
 from agent.learned_store import plan_inputs
@@ -101,7 +101,7 @@ def plan_pull(ref: HubRef, settings: Settings, host: HostInfo, pins: Pins, hub: 
         skipped = [v for v in variants if v.engine != pins.engine]
         variants = [v for v in variants if v.engine == pins.engine]
         notes += [f"{v.engine}: skipped (--engine {pins.engine})" for v in skipped]
-    if not variants:
+    if not variants and not already_here(node, remote.spec, pins.engine):
         why = "; ".join(notes + list(node.refusals)) or "the plan chose nothing to fetch"
         raise NoVariant(f"nothing to pull for {ref.text}: {why}")
     items = []

@@ -56,6 +56,19 @@ def vllm_source(model: ModelSpec, quantization: str) -> WeightSource | None:
     return model.source(quantization)
 
 
+def already_here(plan: NodePlan, model: ModelSpec, engine: str = "auto") -> bool:
+    """Every checkpoint the plan runs (``engine``'s, when pinned) needs no download: a variant
+    `node-agent quantize` made on this node, or a GGUF shipped in a Python package."""
+    plans = [p for p in (plan.primary, plan.fallback) if p is not None and p.fits and engine in ("auto", p.engine)]
+
+    def here(p: VllmPlan | LlamaCppPlan) -> bool:
+        if isinstance(p, VllmPlan):
+            src = None if p.quantize else vllm_source(model, p.quantization)
+            return src is not None and (src.repo or "").startswith(LOCAL_VARIANT_OWNER + "/")
+        return bool(p.gguf_repo and p.gguf_repo.startswith(PYPI_PREFIX))
+    return bool(plans) and all(here(p) for p in plans)
+
+
 def choose(plan: NodePlan, model: ModelSpec, revision: str | None = None,
            pinned_repo: str | None = None) -> tuple[list[Variant], list[str]]:
     """The variants ``plan`` runs on, and a note for each engine that gets none (with why).

@@ -61,8 +61,19 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
         refusals = [cpu.refusal]
         reasons.append("vLLM's CPU build cannot serve it here, so llama.cpp serves alone: " + cpu.refusal)
     elif want_vllm:
-        chosen, alternatives, _, refusals = plan_vllm(host, model, s, pins, reserve_fallback="llamacpp" in chain,
-                                                      rules=rules, measured=measured)
+        try:
+            chosen, alternatives, _, refusals = plan_vllm(host, model, s, pins, reserve_fallback="llamacpp" in chain,
+                                                          rules=rules, measured=measured)
+        except PlanError as exc:
+            # A pinned 4-bit method nobody published: the variant the agent would make is the answer
+            # (model.quantize: auto), or the refusal says how to make it.
+            if pins.quantization not in ("awq", "compressed-tensors"):
+                raise
+            chosen = _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)
+            if chosen is None:
+                made = [r for r in reasons if "node-agent quantize" in r or "cannot make one" in r]
+                raise PlanError("; ".join([str(exc), *made])) from None
+            alternatives, refusals = [], []
         if chosen is None:
             chosen = _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)
         if chosen is not None:

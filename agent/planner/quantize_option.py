@@ -67,6 +67,10 @@ def hint(choice: Choice, c: Cost, auto: bool) -> str:
     peak = (f"{c.gpu_bytes / GIB:.1f} GiB of GPU memory (one layer at a time) and {c.ram_bytes / GIB:.1f} GiB of RAM"
             if c.on_gpu else f"{c.ram_bytes / GIB:.1f} GiB of RAM")
     line = (f"no {name} checkpoint: `node-agent quantize` can make one (~{c.minutes} min, {c.peak_gib:.1f} GiB): "
-            f"at the peak {peak}; it writes {choice.label}, ~{c.output_bytes / 1e9:.1f} GB")
+            f"at the peak {peak}; it writes {choice.label}, {_size(c.output_bytes)}")
     return line + ("; model.quantize is auto, so pull and serve make it after downloading the bf16 weights"
                    if auto else "; or set model.quantize: auto to have pull and serve make it")
+
+
+def _size(n: int) -> str:
+    return f"~{n / 1e9:.1f} GB" if n >= 100e6 else f"~{max(1, round(n / 1e6))} MB"

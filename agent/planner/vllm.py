@@ -290,6 +290,17 @@ def _pick(cands: list[VllmPlan], p2p: bool) -> VllmPlan:
     return min(near, key=key)
 
 
+def _as_available(pinned: str, model: ModelSpec, quants: list[str]) -> str:
+    """``--quantization awq`` (or gptq) with no checkpoint in that format, but a 4-bit weight-only
+    one in compressed-tensors form (what llm-compressor, and so `node-agent quantize`, writes):
+    that checkpoint is the pinned method as vLLM loads it."""
+    if pinned in ("awq", "gptq") and pinned not in quants and "compressed-tensors" in quants:
+        src = source_for(model, "compressed-tensors")
+        if src is not None and src.quant_type == "w4a16":
+            return "compressed-tensors"
+    return pinned
+
+
 def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins, reserve_fallback: bool,
               rules: VllmRules, measured: Mapping[str, Measured] | None = None, *,
               gpus: Sequence[GpuBudget] | None = None, lays: Sequence[Layout] | None = None,
@@ -311,6 +322,7 @@ def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins, 
     min_cc = min(g.compute_capability for g in host.gpus)
     quants, why_not = quantizations(model, min_cc)
     if pins.quantization is not None:
+        pins = dataclasses.replace(pins, quantization=_as_available(pins.quantization, model, quants))
         if pins.quantization not in quants and not (pins.quantization == "fp8" and "none" in quants):
             raise PlanError(f"--quantization {pins.quantization} is not available for {model.name}; "
                             f"available: {', '.join(quants) or 'none'}")

@@ -247,3 +247,47 @@ def test_serve_with_pull_auto_reports_the_download_then_serves(hub, agent, start
     answer = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, temperature=0)
     assert "Paris" in answer.choices[0].message.content
     assert [m["ref"] for m in agent.models()] == [SMOL_GGUF_REF]
+
+
+def test_pull_with_quantize_auto_fetches_the_bf16_weights_and_makes_the_awq_variant(hub, agent, tiny_card,
+                                                                                    quantizer_env_dir):
+    """model.quantize: auto through `pull` (#17): AWQ is pinned and nobody published it, so the pull
+    fetches the bf16 checkpoint, quantizes it here (llm-compressor, the quantizer's environment),
+    and registers the variant; `models` and `plan` see it; a second pull moves and makes nothing."""
+    env = {"NODE_AGENT_MODEL__QUANTIZE": "auto", "NODE_AGENT_QUANTIZE__ENV_DIR": str(quantizer_env_dir),
+           "NODE_AGENT_QUANTIZE__SAMPLES": "8", "NODE_AGENT_QUANTIZE__SEQ_LEN": "64"}
+    pin = ("--profile", "rtx4090", "--engine", "vllm", "--quantization", "awq")
+    since = len(hub.log)
+    refused = agent.run("pull", str(tiny_card), *pin, "--json")  # without auto: refused before any byte, saying how
+    assert refused.returncode == 2 and "`node-agent quantize` can make one" in refused.stderr
+    assert "model.quantize: auto" in refused.stderr and weight_transfers(hub, since) == []
+
+    r = agent.run("pull", str(tiny_card), *pin, "--json", env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json_events(r.stdout)
+    [variant] = ev[0]["variants"]
+    assert (variant["engine"], variant["repo"], variant["format"]) == ("vllm", TINY_REPO, "hf")
+    assert "quantized on this node" in variant["why"]
+    kinds = [e["event"] for e in ev]
+    assert kinds.index("quantize") > kinds.index("progress")  # after the bf16 download
+    assert [e["done"] for e in ev if e["event"] == "layers"] == [1, 2]  # progress per decoder layer
+    [done] = [e for e in ev if e["event"] == "registered"]
+    assert kinds[-1] == "done" and done["repo"].startswith("node-agent-quantized/")
+    assert done["quality"]["checked"] and done["quality"]["perplexity"] > 1
+    config = json.loads((Path(done["path"]) / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+
+    listed = agent.models()
+    [made] = [m for m in listed if m["quantized"]]
+    assert made["quant"] == "awq-w4a16-g128" and made["format"] == "compressed-tensors" and not made["degraded"]
+    planned = agent.run("plan", "--model", str(tiny_card), *pin[:-2], "--quantization", "compressed-tensors", "--json",
+                        env=env)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    p = json.loads(planned.stdout)
+    assert p["quantization"] == "compressed-tensors" and not p.get("quantize")  # it exists now: nothing to make
+
+    since = len(hub.log)
+    again = agent.run("pull", str(tiny_card), *pin, "--json", env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "quantize" not in [e["event"] for e in json_events(again.stdout)]
+    assert weight_transfers(hub, since) == []

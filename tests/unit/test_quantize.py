@@ -137,6 +137,27 @@ def test_plan_says_node_agent_quantize_can_make_the_missing_awq_checkpoint():
     assert variant.format == "hf" and variant.repo == model.source("hf").repo and "quantized on this node" in variant.why
 
 
+def test_a_pinned_awq_nobody_published_is_made_here_with_auto_and_explained_without():
+    """`pull --quantization awq` (or `plan`) on a model with only bf16 weights: with model.quantize
+    auto the plan is the variant the agent makes; without, the refusal says how to make it."""
+    from agent.errors import PlanError
+
+    host = detect("rtx4090")
+    model = resolve_model("deepseek-r1-distill-qwen-14b")  # its card has bf16 and GGUFs, no AWQ
+    pins = Pins(engine="vllm", quantization="awq")
+    with pytest.raises(PlanError) as refused:
+        plan(host, model, Settings(profile="rtx4090"), pins)
+    assert "--quantization awq is not available" in str(refused.value) and HINT.search(str(refused.value))
+    assert "set model.quantize: auto" in str(refused.value)
+    auto = plan(host, model, Settings(profile="rtx4090", model={"quantize": "auto"}), pins)
+    assert auto.engine == "vllm" and auto.primary.fits and auto.primary.quantization == "compressed-tensors"
+    assert auto.primary.quantize == "awq-w4a16-g128"
+    # gptq is not what `node-agent quantize` makes by default: refused as before, no hint
+    with pytest.raises(PlanError, match="--quantization gptq is not available") as gptq:
+        plan(host, model, Settings(profile="rtx4090", model={"quantize": "auto"}), Pins(engine="vllm", quantization="gptq"))
+    assert "node-agent quantize" not in str(gptq.value)
+
+
 def test_no_hint_where_a_4bit_checkpoint_exists_or_the_host_cannot_quantize():
     host = detect("rtx3090")
     with_awq = plan(host, resolve_model("qwen2.5-14b-instruct"), Settings(profile="rtx3090"))
