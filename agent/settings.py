@@ -168,7 +168,8 @@ class RouterSettings(_Section):
     )
     max_restart_attempts: int = Field(
         5, ge=1, le=10_000, description="Failed starts in a row (the first start included) after which a backend is "
-        "given up; when every backend of the chain is given up the agent exits with status 3, so systemd restarts it.",
+        "given up (a start raising an unexpected error, a bug, counts as one); when every backend of the chain is "
+        "given up the agent exits with status 3, so systemd restarts it.",
     )
     continue_streams: bool = Field(
         True, description="A stream whose backend dies continues on the next one with the text so far as prefix; "

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class HeadlessBackend:
         self._errors: _ErrorLog | None = None
         self._job: str | None = None
         self._monitor: asyncio.Task | None = None
+        self._killing = threading.Lock()
 
     @property
     def state(self) -> BackendState:
@@ -187,8 +189,12 @@ class HeadlessBackend:
     def _kill(self, grace_s: float = STOP_GRACE_S) -> None:
         """End the engine's whole process group: SIGTERM, then SIGKILL after ``grace_s``. The
         group, because vLLM's worker processes outlive a killed executor and keep their rank.
-        Runs in a thread; each resource is taken from the backend at once, so a ``stop`` while the
-        monitor's kill is still running finds nothing left to end twice."""
+        Runs in a thread, one at a time: a ``stop`` while the monitor's kill still runs waits for
+        it, so no new engine is started beside a process group still in its grace period."""
+        with self._killing:
+            self._kill_locked(grace_s)
+
+    def _kill_locked(self, grace_s: float) -> None:
         proc, errors, job = self._proc, self._errors, self._job
         self._proc = self._errors = self._job = None
         if proc is not None:

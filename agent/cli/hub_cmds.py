@@ -93,6 +93,10 @@ def pull(
         _emit({"event": "done", "ref": ref, "fetched": tracker.fetched, "bytes_total": pp.size,
                "pulls": [{"engine": p.engine, "repo": p.repo, "commit": p.commit, "file": p.file} for p in pulls]})
     else:
+        if not pp.items and made is None:  # every checkpoint the plan runs was made or shipped here
+            out.print(f"[green]up to date[/] {escape(ref)}: what the plan runs is already on this node "
+                      f"(nothing to download); serve it with: node-agent serve --model {escape(ref)}", highlight=False)
+            return
         out.print(f"[green]pulled[/] {escape(ref)}: {gb(pp.size)} on disk, {gb(tracker.fetched)} downloaded now; "
                   f"serve it with: node-agent serve --model {escape(ref)}", highlight=False)
 

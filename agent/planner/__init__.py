@@ -14,7 +14,7 @@ from agent.planner.learned import Measured
 from agent.planner.llamacpp import plan_llamacpp
 from agent.planner.types import LlamaCppPlan, NodePlan, Pins, VllmPlan
 from agent.planner.versions import NEWEST_READ, rules_for
-from agent.planner.vllm import plan_vllm
+from agent.planner.vllm import QuantizationUnavailable, plan_vllm
 from agent.planner.vllm_cpu import plan_vllm_cpu
 from agent.settings import Settings
 
@@ -64,7 +64,7 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
         try:
             chosen, alternatives, _, refusals = plan_vllm(host, model, s, pins, reserve_fallback="llamacpp" in chain,
                                                           rules=rules, measured=measured)
-        except PlanError as exc:
+        except QuantizationUnavailable as exc:
             # A pinned 4-bit method nobody published: the variant the agent would make is the answer
             # (model.quantize: auto), or the refusal says how to make it.
             if pins.quantization not in ("awq", "compressed-tensors"):

@@ -290,6 +290,10 @@ def _pick(cands: list[VllmPlan], p2p: bool) -> VllmPlan:
     return min(near, key=key)
 
 
+class QuantizationUnavailable(PlanError):
+    """A pinned quantization no checkpoint of the model provides."""
+
+
 def _as_available(pinned: str, model: ModelSpec, quants: list[str]) -> str:
     """``--quantization awq`` (or gptq) with no checkpoint in that format, but a 4-bit weight-only
     one in compressed-tensors form (what llm-compressor, and so `node-agent quantize`, writes):
@@ -324,7 +328,7 @@ def plan_vllm(host: HostInfo, model: ModelSpec, s: PlannerSettings, pins: Pins, 
     if pins.quantization is not None:
         pins = dataclasses.replace(pins, quantization=_as_available(pins.quantization, model, quants))
         if pins.quantization not in quants and not (pins.quantization == "fp8" and "none" in quants):
-            raise PlanError(f"--quantization {pins.quantization} is not available for {model.name}; "
+            raise QuantizationUnavailable(f"--quantization {pins.quantization} is not available for {model.name}; "
                             f"available: {', '.join(quants) or 'none'}")
         quants, why_not = [pins.quantization], []
     kv_dtypes = [pins.kv_cache_dtype] if pins.kv_cache_dtype else (

@@ -189,10 +189,12 @@ class Cost:
 
 
 # Work rates, in (linear weights x calibration tokens x grid passes) per second. The CPU one is
-# per physical core, measured here with bench/quantize.py (SmolLM2-135M, 2 cores); the GPU one
-# from llm-compressor's runtime guide (AWQ on Llama-3-8B, 256 x 512 calibration tokens, ~30 min
-# on one A100), not measured here: no GPU.
-CPU_RATE_PER_CORE = 1.6e10
+# per physical core, from `node-agent quantize` end to end (calibration, the quality guard,
+# saving) with bench/quantize.py on SmolLM2-135M, 2 cores of an AMD EPYC without AVX-512, whose
+# bf16 matmuls are slow (docs/benchmarks.md, 80.9 s): conservative where the CPU has native bf16
+# (an earlier Intel box ran 2x this). The GPU one from llm-compressor's runtime guide (AWQ on
+# Llama-3-8B, 256 x 512 calibration tokens, ~30 min on one A100), not measured here: no GPU.
+CPU_RATE_PER_CORE = 7.5e9
 GPU_RATE = 1.2e13
 # AWQ searches a 20-point grid of scales per smoothed layer group, each a forward pass over the
 # calibration tokens; GPTQ does about the same work in its Hessian updates; both also pass the

@@ -1,9 +1,10 @@
 """``node-agent serve``: settings → detect → plan → backends → HTTP server → drain → stop.
 
 Backends start in the background once the server listens, so health checks can report loading.
-Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for bad settings, 3 when no backend can
-serve after every engine of the chain was retried and given up (systemd's Restart=on-failure
-then restarts the agent).
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when the download or quantization before the
+engines failed or a background task of the agent raised (a bug: its traceback is logged), 2 for
+bad settings, 3 when no backend can serve after every engine of the chain was retried and given
+up (systemd's Restart=on-failure then restarts the agent).
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def gpu_sampler(settings: Settings, host: HostInfo):
 
 
 def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) -> int:
-    """Run until SIGTERM/SIGINT (0) or until nothing can serve (3); returns the exit code."""
+    """Run until SIGTERM/SIGINT (0), a failure before the engines or a failed background task (1),
+    or until nothing can serve (3); returns the exit code."""
     import uvicorn
 
     from agent.serving.app import create_app
@@ -275,6 +277,7 @@ def serve(settings: Settings, host: HostInfo, notifier: Notifier | None = None) 
             yield
         finally:
             for task in tasks:
+                task.remove_done_callback(task_ended)  # shutting down: how a cancelled task ends is no bug
                 task.cancel()
             await router.stop()
             notifier.close()

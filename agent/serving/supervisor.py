@@ -78,8 +78,14 @@ class Supervisor:
         for route in reversed(self.routes):
             if self._stopping:
                 return
-            await self._until_startable(route)
-            if not await self._start(route):
+            try:
+                await self._until_startable(route)
+                started = await self._start(route)
+            except Exception:  # noqa: BLE001 - a bug in the wait: its supervisor retries it like a failed start
+                log.exception("%s: waiting to start it raised an unexpected error (a bug); retried like a failed "
+                              "start", route.name)
+                started = False
+            if not started:
                 route.failed_restarts = 1
             route.watcher = asyncio.create_task(self._watch(route), name=f"supervise-{route.name}")
 
@@ -132,32 +138,46 @@ class Supervisor:
 
     async def _watch(self, route: Route) -> None:
         """Restart a failed backend with bounded exponential backoff; give it up after
-        ``max_restart_attempts`` failed starts in a row. A bug on the way (an unexpected exception,
-        in a start or in waiting for one) is logged with its traceback and counted as a failed
-        start: supervision ends only by ``stop`` or by giving the backend up, never silently."""
+        ``max_restart_attempts`` failed starts in a row; probe a breaker left half-open. A bug on
+        the way (an unexpected exception) is logged with its traceback: in a restart (or the wait
+        before one) it counts as a failed start; in a probe the backend is left as it is.
+        Supervision ends only by ``stop`` or by giving the backend up, never silently."""
         w = _Watch(self.settings.restart_backoff_s, retry=route.failed_restarts > 0)
         while not self._stopping:
+            if route.backend.state is not BackendState.FAILED and not w.retry:
+                try:
+                    await self._look(route)
+                except Exception:  # noqa: BLE001 - see the docstring
+                    log.exception("%s: probing it raised an unexpected error (a bug); the backend is left as it is",
+                                  route.name)
+                await asyncio.sleep(POLL_S)
+                continue
             try:
-                if await self._watch_step(route, w):
+                if await self._restart(route, w):
                     return
             except Exception:  # noqa: BLE001 - see the docstring
                 route.failed_restarts += 1
                 w.retry = True
-                log.exception("%s: supervising it raised an unexpected error (a bug; failed start %d of %d); "
-                              "retrying in %.1f s", route.name, route.failed_restarts,
-                              self.settings.max_restart_attempts, w.delay)
-                await asyncio.sleep(w.delay)
                 w.delay = min(w.delay * 2, self.settings.restart_backoff_max_s)
+                log.exception("%s: restarting it raised an unexpected error (a bug; failed start %d of %d); next "
+                              "try in %.1f s", route.name, route.failed_restarts, self.settings.max_restart_attempts,
+                              w.delay)
+                if route.failed_restarts > self.settings.max_restart_attempts:  # giving it up raised too
+                    route.gave_up = True
+                    if all(r.gave_up for r in self.routes):
+                        self.exhausted.set()
+                    return
+                await asyncio.sleep(POLL_S)  # the next restart waits w.delay itself
 
-    async def _watch_step(self, route: Route, w: _Watch) -> bool:
-        """One look at the backend: probe a half-open breaker, or restart a failed backend. True: given up."""
-        if route.backend.state is not BackendState.FAILED and not w.retry:
-            idle = route.breaker.half_open_for_s()
-            if idle is not None and idle >= route.breaker.cooldown_s and \
-                    route.backend.state in (BackendState.READY, BackendState.DEGRADED):
-                await self._probe(route)
-            await asyncio.sleep(POLL_S)
-            return False
+    async def _look(self, route: Route) -> None:
+        """A serving backend whose breaker stayed half-open for a cooldown gets a probe."""
+        idle = route.breaker.half_open_for_s()
+        if idle is not None and idle >= route.breaker.cooldown_s and \
+                route.backend.state in (BackendState.READY, BackendState.DEGRADED):
+            await self._probe(route)
+
+    async def _restart(self, route: Route, w: _Watch) -> bool:
+        """After the backoff, the backend's own wait, then a start. True: given up instead."""
         if route.failed_restarts >= self.settings.max_restart_attempts:
             self._give_up(route)
             return True

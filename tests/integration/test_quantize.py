@@ -132,3 +132,30 @@ def test_quantize_says_what_to_do_with_a_hub_reference_that_is_not_pulled(bare_e
     r = node_agent("quantize", "qwen3-8b", env=bare_env)
     assert r.returncode == 2 and "node-agent pull qwen3-8b" in r.stderr
     assert not Path(bare_env["NODE_AGENT_QUANTIZE__ENV_DIR"]).exists()
+
+
+def test_a_bf16_model_is_scored_in_float32_where_the_cpu_has_no_native_bf16(tiny_model, env, tmp_path):
+    """The quality guard's two passes over held-out text are plain forward passes; on a CPU without
+    AVX512-BF16/AMX torch's bf16 matmuls are about 10x slower than float32 (docs/benchmarks.md), so
+    the worker scores there in float32 (exact for bf16 weights) and says so; elsewhere as loaded.
+    The checkpoint it writes stays 16-bit either way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    half = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model.hf_dir, dtype=torch.bfloat16).save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model.hf_dir / name, half / name)
+    r = node_agent("quantize", str(half), *FAST, "--out", str(tmp_path / "out"), "--json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = events(r.stdout)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = " avx512_bf16" in flags or " amx_bf16" in flags
+    [reference] = [e for e in ev if e.get("stage") == "reference"]
+    assert reference["dtype"] == ("bfloat16" if native else "float32")
+    [done] = [e for e in ev if e["event"] == "done"]
+    assert done["scored_in"] == (None if native else "float32")
+    q = done["quality"]
+    assert q["perplexity"] > 1 and q["perplexity_bf16"] > 1 and 0 <= q["top1_agreement"] <= 1
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"

@@ -12,7 +12,7 @@ import pytest
 
 from agent.catalog import resolve_model
 from agent.catalog.types import ModelArch, ModelSpec, WeightSource
-from agent.errors import UsageError
+from agent.errors import PlanError, UsageError
 from agent.hardware import detect
 from agent.hub.select import choose as choose_variants
 from agent.planner import Pins, plan
@@ -140,10 +140,8 @@ def test_plan_says_node_agent_quantize_can_make_the_missing_awq_checkpoint():
 def test_a_pinned_awq_nobody_published_is_made_here_with_auto_and_explained_without():
     """`pull --quantization awq` (or `plan`) on a model with only bf16 weights: with model.quantize
     auto the plan is the variant the agent makes; without, the refusal says how to make it."""
-    from agent.errors import PlanError
-
     host = detect("rtx4090")
-    model = resolve_model("deepseek-r1-distill-qwen-14b")  # its card has bf16 and GGUFs, no AWQ
+    model = resolve_model("deepseek-r1-distill-qwen-14b")  # its card has bf16 weights only: no AWQ
     pins = Pins(engine="vllm", quantization="awq")
     with pytest.raises(PlanError) as refused:
         plan(host, model, Settings(profile="rtx4090"), pins)
@@ -156,6 +154,34 @@ def test_a_pinned_awq_nobody_published_is_made_here_with_auto_and_explained_with
     with pytest.raises(PlanError, match="--quantization gptq is not available") as gptq:
         plan(host, model, Settings(profile="rtx4090", model={"quantize": "auto"}), Pins(engine="vllm", quantization="gptq"))
     assert "node-agent quantize" not in str(gptq.value)
+
+
+def test_once_the_variant_exists_a_pinned_awq_runs_it_and_a_pull_has_nothing_to_fetch():
+    from agent.hub.select import already_here
+
+    host = detect("rtx4090")
+    model = resolve_model("deepseek-r1-distill-qwen-14b")
+    made = WeightSource(format="compressed-tensors", repo="node-agent-quantized/r1-14b-awq-w4a16-g128",
+                        quant_type="w4a16", bits=4, group_size=128, scheme="w4a16", size_bytes=9_400_000_000,
+                        zero_points=True)
+    with_made = dataclasses.replace(model, sources=(made, *model.sources))
+    for pinned in ("awq", "gptq", "compressed-tensors"):
+        p = plan(host, with_made, Settings(profile="rtx4090"), Pins(engine="vllm", quantization=pinned))
+        assert p.primary.fits and p.primary.quantization == "compressed-tensors" and p.primary.quantize is None
+    variants, notes = choose_variants(p, with_made)
+    assert variants == [] and any("is on disk" in n for n in notes)
+    assert already_here(p, with_made, "vllm")  # `pull` has nothing to fetch, and that is no error
+    gguf = WeightSource(format="gguf", repo="test-org/r1-14b-GGUF", file="r1-14b.Q4_K_M.gguf", quant_type="Q4_K_M",
+                        size_bytes=9_000_000_000)
+    both = dataclasses.replace(with_made, sources=(*with_made.sources, gguf))
+    p = plan(host, both, Settings(profile="rtx4090"), Pins(engine="vllm", quantization="awq"))
+    assert already_here(p, both, "vllm") and not already_here(p, both, "auto")  # the GGUF behind it must come
+    assert [v.engine for v in choose_variants(p, both)[0]] == ["llamacpp"]
+    # an FP8 checkpoint is not a 4-bit one: a pinned awq is not served from it
+    fp8 = dataclasses.replace(made, quant_type="w8a8-fp8", bits=8, scheme="w8a8-fp8")
+    with pytest.raises(PlanError, match="--quantization awq is not available"):
+        plan(host, dataclasses.replace(model, sources=(fp8, *model.sources)), Settings(profile="rtx4090"),
+             Pins(engine="vllm", quantization="awq"))
 
 
 def test_no_hint_where_a_4bit_checkpoint_exists_or_the_host_cannot_quantize():

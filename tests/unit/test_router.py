@@ -218,6 +218,41 @@ def test_a_bug_while_waiting_to_restart_is_logged_and_the_backend_still_comes_ba
     assert len(bugs) == 1 and bugs[0].exc_info[0] is AttributeError and "failed start 1 of 5" in bugs[0].getMessage()
 
 
+def test_a_bug_in_the_first_wait_and_in_a_probe_neither_ends_nor_restarts_anything_wrongly(caplog):
+    """The wait before the very first start raising: the fallback still starts and the primary is
+    retried. A probe raising (a bug in the breaker's bookkeeping): logged, and the serving backend
+    is left serving, never restarted for it."""
+    class Flaky(FakeBackend):
+        bugs = 1
+
+        async def until_startable(self) -> None:
+            if self.bugs:
+                self.bugs -= 1
+                raise AttributeError("scripted bug before the first start")
+
+    primary, fallback = Flaky("vllm"), FakeBackend("llamacpp")
+
+    async def run():
+        r = await started(router(primary, fallback, restart_backoff_s=0.01))
+        for _ in range(300):
+            if primary.state is BackendState.READY:
+                break
+            await asyncio.sleep(0.01)
+        route = r.routes[0]
+        up = primary.state, fallback.state, primary.starts, route.restarts
+        route.breaker.half_open_for_s = lambda: (_ for _ in ()).throw(ValueError("scripted probe bug"))
+        await asyncio.sleep(0.5)  # several looks, each raising
+        after = primary.state, primary.starts, route.restarts
+        await r.stop()
+        return up, after
+    up, after = asyncio.run(run())
+    assert up == (BackendState.READY, BackendState.READY, 1, 1)  # the first start was the retry
+    assert after == (BackendState.READY, 1, 1)  # not restarted for a probe's bug
+    messages = [rec.getMessage() for rec in caplog.records if rec.exc_info]
+    assert any("waiting to start it raised" in m for m in messages)
+    assert any("probing it raised" in m for m in messages)
+
+
 def test_nothing_serving_is_not_ready():
     async def run():
         r = router(FakeBackend("llamacpp"))  # never started
