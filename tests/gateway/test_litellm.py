@@ -38,10 +38,16 @@ QUEUE_B = 4
 
 @pytest.fixture(scope="module")
 def nodes(start_server, smollm2_hf_dir, smollm2_gguf_path):
+    # After the SIGKILL both nodes serve from one llama.cpp slot each, on the same 2 cores as the
+    # killed engine's processes: a queued request may wait longer than the default 30 s before its
+    # slot frees (a fresh clone's CI run timed out one, a 429 that both deployments then got).
+    # A full queue is still an immediate 429, which the overload test relies on.
+    queue = {"queue_timeout_s": 120}
     b = start_server({"engines": {"chain": ["llamacpp"]}, "model": {"ref": str(smollm2_gguf_path)},
                       "planner": {"target_context": 2048}, "server": {"model_name": MODEL},
-                      "health": {"node_id": "node-b"}, "admission": {"max_queue": QUEUE_B}})
+                      "health": {"node_id": "node-b"}, "admission": {"max_queue": QUEUE_B, **queue}})
     a = start_server({"model": {"ref": str(smollm2_hf_dir), "gguf": str(smollm2_gguf_path)},
+                      "admission": queue,
                       "planner": {"target_context": 2048, "min_context": 512, "max_num_seqs": 8},
                       # vLLM is not restarted within this module: on 2 cores its start would
                       # starve the llama.cpp fallback that serves after the kill (and the teardown)
