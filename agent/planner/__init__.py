@@ -50,7 +50,7 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
                        f"{rules.label}, the newest release modelled")
     if want_vllm and not host.gpus and vllm_cpu:
         cpu = plan_vllm_cpu(host, model, s, settings.engines.vllm_cpu_kvcache_gib, pins, rules.label, measured)
-        made = None if cpu.fits else _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)
+        made = None if cpu.fits else _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)[0]
         if made is not None:
             cpu = made
         if cpu.fits or pins.engine == "vllm":
@@ -69,13 +69,12 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
             # (model.quantize: auto), or the refusal says how to make it.
             if pins.quantization not in ("awq", "compressed-tensors"):
                 raise
-            chosen = _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)
+            chosen, said = _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)
             if chosen is None:
-                made = [r for r in reasons if "node-agent quantize" in r or "cannot make one" in r]
-                raise PlanError("; ".join([str(exc), *made])) from None
+                raise PlanError("; ".join([str(exc), *([said] if said else [])])) from None
             alternatives, refusals = [], []
         if chosen is None:
-            chosen = _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)
+            chosen = _quantized_here(host, model, settings, pins, rules, measured, vllm_cpu, reasons)[0]
         if chosen is not None:
             fallback = plan_llamacpp(host, model, s, Pins(), role="fallback") if "llamacpp" in chain else None
             return NodePlan(model.name, "vllm", chosen, fallback, tuple(alternatives),
@@ -92,14 +91,15 @@ def plan(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins = Pins
 
 
 def _quantized_here(host: HostInfo, model: ModelSpec, settings: Settings, pins: Pins, rules, measured,
-                    vllm_cpu: bool, reasons: list[str]) -> VllmPlan | None:
-    """When no published checkpoint fits: would one the agent quantizes here fit? Appends the
-    hint to ``reasons``; returns the plan when ``model.quantize`` is auto and it fits."""
+                    vllm_cpu: bool, reasons: list[str]) -> tuple[VllmPlan | None, str | None]:
+    """When no published checkpoint fits: would one the agent quantizes here fit? Returns (the
+    plan when ``model.quantize`` is auto and it fits, the line said about it): the hint "no AWQ
+    checkpoint: `node-agent quantize` can make one", or why this host cannot; also in ``reasons``."""
     if pins.quantization not in (None, "awq", "compressed-tensors"):
-        return None
+        return None, None
     found = quantize_option.candidate(model, settings)
     if found is None:
-        return None
+        return None, None
     hyp, choice = found
     made = hyp.sources[-1]
     s = settings.planner
@@ -111,21 +111,20 @@ def _quantized_here(host: HostInfo, model: ModelSpec, settings: Settings, pins: 
         chosen = plan_vllm_cpu(host, hyp, s, settings.engines.vllm_cpu_kvcache_gib, pins, rules.label, measured,
                                source=made)
     else:
-        return None
+        return None, None
     if chosen is None or not chosen.fits:
-        return None
+        return None, None
     c = quantize_option.cost(model, choice, settings, host)
     blocked = quantize_option.why_not_here(c, host, settings)
     auto = settings.model.quantize == "auto"
-    if blocked:
-        reasons.append(f"no {choice.method.upper()} checkpoint, and this host cannot make one: {blocked}")
-        return None
-    reasons.append(quantize_option.hint(choice, c, auto))
-    if not auto:
-        return None
+    said = (f"no {choice.method.upper()} checkpoint, and this host cannot make one: {blocked}" if blocked
+            else quantize_option.hint(choice, c, auto))
+    reasons.append(said)
+    if blocked or not auto:
+        return None, said
     return replace(chosen, quantize=choice.label,
                    reasons=(*chosen.reasons, f"weights: {choice.label} quantized on this node from the bf16 "
-                                             f"checkpoint (model.quantize: auto), ~{c.minutes} min"))
+                                             f"checkpoint (model.quantize: auto), ~{c.minutes} min")), said
 
 
 def _vllm_refusal(model: ModelSpec, host: HostInfo, refusals: list[str]) -> VllmPlan:

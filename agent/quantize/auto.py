@@ -75,11 +75,20 @@ def for_serve(local, download, settings: Settings, host: HostInfo, vllm_cpu: boo
     """(the model as ``serve`` will find it, the quantization to run first or None).
 
     Only hub models: the variant is recorded under the reference, from the bf16 pull (on disk or
-    being downloaded). It is planned as if it existed, so the backends are built before it runs."""
+    being downloaded). It is planned as if it existed, so the backends are built before it runs.
+    Never in a cluster (said in the log when model.quantize is auto)."""
     from agent.hub.local import hub_for
     from agent.hub.refs import parse_ref
     from agent.hub.store import Store
 
+    if settings.cluster.enabled:
+        # Every host of a group loads the one checkpoint model.ref names; a variant made on one
+        # host is not on the others, so the group would serve the bf16 weights after the wait.
+        if settings.model.quantize == "auto":
+            log.warning("model.quantize: auto does not apply to a cluster (every host loads the checkpoint "
+                        "model.ref names): to serve a 4-bit one, make it once with `node-agent quantize %s --out DIR`, "
+                        "copy DIR to the same path on every host and set model.ref to it", settings.model.ref)
+        return local, None
     spec = local.vllm_spec
     ref = parse_ref(settings.model.ref)
     if ref is None or spec is None or local.hf_dir is None or (spec.sources and spec.sources[0].format != "hf"):

@@ -59,6 +59,12 @@ class _Watch:
     delay: float
     retry: bool = False
 
+    def failed(self, route: Route, most_s: float) -> None:
+        """A start failed: one more failed start in a row, and the next wait doubles (up to ``most_s``)."""
+        route.failed_restarts += 1
+        self.retry = True
+        self.delay = min(self.delay * 2, most_s)
+
 
 class Supervisor:
     """Owns every backend's lifecycle; the router only reads the states."""
@@ -156,9 +162,7 @@ class Supervisor:
                 if await self._restart(route, w):
                     return
             except Exception:  # noqa: BLE001 - see the docstring
-                route.failed_restarts += 1
-                w.retry = True
-                w.delay = min(w.delay * 2, self.settings.restart_backoff_max_s)
+                w.failed(route, self.settings.restart_backoff_max_s)
                 log.exception("%s: restarting it raised an unexpected error (a bug; failed start %d of %d); next "
                               "try in %.1f s", route.name, route.failed_restarts, self.settings.max_restart_attempts,
                               w.delay)
@@ -185,13 +189,12 @@ class Supervisor:
                     route.backend.health().last_error or "its start failed", w.delay)
         await asyncio.sleep(w.delay)
         await self._until_startable(route)
-        w.retry = not await self._start(route, restart=True)
-        if w.retry:
-            route.failed_restarts += 1
+        if not await self._start(route, restart=True):
+            w.failed(route, self.settings.restart_backoff_max_s)
             log.error("%s restart failed (%d of %d)", route.name, route.failed_restarts,
                       self.settings.max_restart_attempts)
-            w.delay = min(w.delay * 2, self.settings.restart_backoff_max_s)
             return False
+        w.retry = False
         route.restarts += 1
         route.failed_restarts = 0
         w.delay = self.settings.restart_backoff_s

@@ -28,9 +28,9 @@ from agent.settings import Settings
 from tests.integration.test_quantize import events, node_agent
 from tests.support.models import build_once
 
-# About 20 minutes on 2 cores (two AWQ runs of SmolLM2 with bf16 quality passes): beyond the suite's
-# budget, so on demand. test_quantize.py runs the same path on the tiny model in every run.
-pytestmark = [pytest.mark.engines, pytest.mark.slow("two AWQ quantizations of SmolLM2, ~20 min on 2 cores")]
+# About 4 minutes on 2 cores (235 s: two AWQ runs of SmolLM2 with their quality passes, one vLLM
+# start); the quantizations are cached in .cache/test-models like the other built models.
+pytestmark = pytest.mark.engines
 RECIPE = "smollm2-awq v2 grid=3"
 CHAT_PARIS = ({"role": "user", "content": "What is the capital of France? Answer in one word."},)
 

@@ -192,6 +192,17 @@ def test_no_hint_where_a_4bit_checkpoint_exists_or_the_host_cannot_quantize():
     assert any("this host cannot make one: quantizing needs" in r for r in big.reasons)
 
 
+def test_on_a_gpu_less_host_a_model_too_big_for_vllm_in_bf16_is_too_big_to_quantize_there_too():
+    """docs/models.md: with the default KV space, the quantizer's RAM (the bf16 model, its output,
+    torch) exceeds what vLLM's CPU build needs to serve the bf16 checkpoint: auto never picks it."""
+    host = dataclasses.replace(detect("cpu-only"), cpu_avx512=True)  # 57 GiB free; W4A16 would load
+    model = resolve_model("deepseek-r1-distill-qwen-32b")  # ~61 GiB in bf16, ~18 GiB at 4 bits
+    auto = plan(host, model, Settings(profile="cpu-only", model={"quantize": "auto"}), vllm_cpu=True)
+    assert auto.engine == "llamacpp"  # (its card names no GGUF: that plan is refused too)
+    assert any("this host cannot make one: quantizing needs" in r for r in auto.reasons)
+    assert not any(HINT.search(r) for r in auto.reasons)
+
+
 def test_vllm_cpu_plans_a_w4a16_checkpoint_with_its_zero_points_and_needs_avx512():
     src = WeightSource("compressed-tensors", quant_type="w4a16", bits=4, group_size=64, scheme="w4a16",
                        zero_points=True)
@@ -288,3 +299,17 @@ def _walk(x):
     yield x
     for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()):
         yield from _walk(v)
+
+
+def test_a_cluster_never_quantizes_before_serving_and_says_how_to_serve_a_4bit_checkpoint(caplog):
+    """Every host of a group loads the checkpoint model.ref names: a variant made on one host would
+    keep the group waiting for a checkpoint it then does not serve."""
+    from agent.quantize.auto import for_serve
+
+    s = Settings.model_validate({"model": {"ref": "deepseek-r1-distill-qwen-14b", "quantize": "auto"},
+                                 "cluster": {"nodes": 2, "head": "127.0.0.1:29501", "host_ip": "127.0.0.1"}})
+    local = object()  # what serve found on disk; a cluster leaves it as it is
+    assert for_serve(local, None, s, detect("rtx3090"), vllm_cpu=False) == (local, None)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "does not apply to a cluster" in warning
+    assert "`node-agent quantize deepseek-r1-distill-qwen-14b --out DIR`" in warning

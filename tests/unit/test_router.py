@@ -34,6 +34,19 @@ async def stream_all(r: Router, request: GenerationRequest):
     return [s async for s in r.stream(request)]
 
 
+async def died_and_back(r: Router, primary: FakeBackend) -> tuple[str, str]:
+    """The primary (scripted to die on its first request) dies under request 1, which the fallback
+    answers; once it has restarted, request 2: (who answered 1, who answered 2)."""
+    first, _, _ = await r.complete(req(rid="1"))
+    primary.script.die_after = None
+    for _ in range(300):
+        if primary.state is BackendState.READY and r.routes[0].restarts:
+            break
+        await asyncio.sleep(0.01)
+    again, _, _ = await r.complete(req(rid="2"))
+    return first, again
+
+
 def test_primary_serves_when_healthy():
     async def run():
         r = await started(router(FakeBackend("vllm"), FakeBackend("llamacpp")))
@@ -144,13 +157,7 @@ def test_dead_backend_is_restarted_and_traffic_returns():
 
     async def run():
         r = await started(router(primary, FakeBackend("llamacpp")))
-        first, _, _ = await r.complete(req(rid="1"))  # vllm dies -> llama.cpp answers
-        primary.script.die_after = None
-        for _ in range(100):
-            if primary.state is BackendState.READY and r.routes[0].restarts:
-                break
-            await asyncio.sleep(0.01)
-        again, _, _ = await r.complete(req(rid="2"))
+        first, again = await died_and_back(r, primary)
         await r.stop()
         return first, again, r.routes[0].restarts
     first, again, restarts = asyncio.run(run())
@@ -204,15 +211,9 @@ def test_a_bug_while_waiting_to_restart_is_logged_and_the_backend_still_comes_ba
 
     async def run():
         r = await started(router(primary, FakeBackend("llamacpp")))
-        first, _, _ = await r.complete(req(rid="1"))  # vllm dies -> llama.cpp answers
-        primary.script.die_after = None
-        for _ in range(300):
-            if primary.state is BackendState.READY and r.routes[0].restarts:
-                break
-            await asyncio.sleep(0.01)
-        again, _, _ = await r.complete(req(rid="2"))
+        answered = await died_and_back(r, primary)
         await r.stop()
-        return first, again
+        return answered
     assert asyncio.run(run()) == ("llamacpp", "vllm")
     bugs = [rec for rec in caplog.records if "raised an unexpected error" in rec.getMessage()]
     assert len(bugs) == 1 and bugs[0].exc_info[0] is AttributeError and "failed start 1 of 5" in bugs[0].getMessage()
