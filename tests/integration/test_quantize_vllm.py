@@ -6,7 +6,10 @@ events it printed, like the other built models) and one vLLM start:
   (measured in the engine's worker: the bytes of every parameter and buffer of the loaded model);
 - the answer is "Paris" where vLLM's CPU build has its W4A16 kernel (AVX-512); on a CPU without
   AVX-512 the CPU build has none (cpu_gemm_wna16 is only in its AVX-512 library), and the test
-  asserts the planner's up-front refusal instead of a start that fails on the first request.
+  asserts the planner's up-front refusal instead of a start that fails on the first request;
+- on every CPU, the checkpoint's own answer from its int4 weights: compressed-tensors (in the
+  quantizer's environment) unpacks them with their scales and zero points, the values vLLM's
+  kernel multiplies by, and transformers decodes greedily: "Paris".
 A deliberately broken quantization (2-bit AWQ) is flagged by the quality guard.
 """
 
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,6 +29,7 @@ from agent.hardware import detect
 from agent.planner import plan
 from agent.planner.vllm_cpu import plan_vllm_cpu
 from agent.planner.types import Pins
+from agent.quantize import env as qenv
 from agent.settings import Settings
 from tests.integration.test_quantize import events, node_agent
 from tests.support.models import build_once
@@ -125,5 +131,33 @@ def test_vllm_loads_what_the_plan_predicts_and_answers_paris(quantized, monkeypa
     assert abs(vllm_plan.weights_bytes - loaded) / loaded < 0.02, (vllm_plan.weights_bytes, loaded)
     if answer is None:
         pytest.skip(f"weights checked ({vllm_plan.weights_bytes} predicted, {loaded} loaded); no answer: this CPU "
-                    "has no AVX-512, and vLLM's CPU build has no W4A16 kernel without it")
+                    "has no AVX-512, and vLLM's CPU build has no W4A16 kernel without it (the checkpoint's own answer: "
+                    "test_the_checkpoint_answers_paris_from_its_int4_weights)")
     assert "Paris" in answer
+
+
+# Run in the quantizer's environment (llm-compressor's transformers and compressed-tensors).
+GREEDY = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+ids = tok.apply_chat_template(json.loads(sys.argv[2]), add_generation_prompt=True, return_tensors="pt")
+ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+out = model.generate(ids, max_new_tokens=16, do_sample=False)
+print(json.dumps({"text": tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True),
+                  "loader": type(getattr(model.config, "quantization_config", None)).__name__}))
+"""
+
+
+def test_the_checkpoint_answers_paris_from_its_int4_weights(quantized, quantizer_env_dir, tmp_path):
+    path, _, _ = quantized
+    python = qenv.ensure(None, quantizer_env_dir).python
+    r = subprocess.run([str(python), "-c", GREEDY, str(path), json.dumps(CHAT_PARIS)], capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    # loaded through compressed-tensors from the packed int4 weights (there is no bf16 copy beside them)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert answer["loader"] == "CompressedTensorsConfig"
+    assert "Paris" in answer["text"], answer
