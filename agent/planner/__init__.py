@@ -116,9 +116,10 @@ def _quantized_here(host: HostInfo, model: ModelSpec, settings: Settings, pins: 
         return None, None
     c = quantize_option.cost(model, choice, settings, host)
     blocked = quantize_option.why_not_here(c, host, settings)
-    auto = settings.model.quantize == "auto"
+    # A group loads the checkpoint model.ref names on every host: auto does not apply there.
+    auto = settings.model.quantize == "auto" and not settings.cluster.enabled
     said = (f"no {choice.method.upper()} checkpoint, and this host cannot make one: {blocked}" if blocked
-            else quantize_option.hint(choice, c, auto))
+            else quantize_option.hint(choice, c, auto, cluster=settings.cluster.enabled))
     reasons.append(said)
     if blocked or not auto:
         return None, said

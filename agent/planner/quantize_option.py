@@ -61,13 +61,17 @@ def why_not_here(c: Cost, host: HostInfo, settings: Settings) -> str | None:
     return None
 
 
-def hint(choice: Choice, c: Cost, auto: bool) -> str:
-    """The line ``plan`` shows: "no AWQ checkpoint: `node-agent quantize` can make one (~N min, M GiB)"."""
+def hint(choice: Choice, c: Cost, auto: bool, cluster: bool = False) -> str:
+    """The line ``plan`` shows: "no AWQ checkpoint: `node-agent quantize` can make one (~N min, M GiB)".
+    ``cluster``: this host is in a group, where model.quantize: auto does not apply."""
     name = _NAMES.get(choice.method, choice.method.upper())
     peak = (f"{c.gpu_bytes / GIB:.1f} GiB of GPU memory (one layer at a time) and {c.ram_bytes / GIB:.1f} GiB of RAM"
             if c.on_gpu else f"{c.ram_bytes / GIB:.1f} GiB of RAM")
     line = (f"no {name} checkpoint: `node-agent quantize` can make one (~{c.minutes} min, {c.peak_gib:.1f} GiB): "
             f"at the peak {peak}; it writes {choice.label}, {_size(c.output_bytes)}")
+    if cluster:
+        return line + ("; in a cluster every host loads the checkpoint model.ref names, so model.quantize: auto "
+                       "does not apply: make it once with --out DIR, copy DIR to every host and set model.ref to it")
     return line + ("; model.quantize is auto, so pull and serve make it after downloading the bf16 weights"
                    if auto else "; or set model.quantize: auto to have pull and serve make it")
 

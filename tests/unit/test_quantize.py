@@ -192,15 +192,25 @@ def test_no_hint_where_a_4bit_checkpoint_exists_or_the_host_cannot_quantize():
     assert any("this host cannot make one: quantizing needs" in r for r in big.reasons)
 
 
-def test_on_a_gpu_less_host_a_model_too_big_for_vllm_in_bf16_is_too_big_to_quantize_there_too():
-    """docs/models.md: with the default KV space, the quantizer's RAM (the bf16 model, its output,
-    torch) exceeds what vLLM's CPU build needs to serve the bf16 checkpoint: auto never picks it."""
-    host = dataclasses.replace(detect("cpu-only"), cpu_avx512=True)  # 57 GiB free; W4A16 would load
-    model = resolve_model("deepseek-r1-distill-qwen-32b")  # ~61 GiB in bf16, ~18 GiB at 4 bits
-    auto = plan(host, model, Settings(profile="cpu-only", model={"quantize": "auto"}), vllm_cpu=True)
-    assert auto.engine == "llamacpp"  # (its card names no GGUF: that plan is refused too)
-    assert any("this host cannot make one: quantizing needs" in r for r in auto.reasons)
-    assert not any(HINT.search(r) for r in auto.reasons)
+def test_on_a_gpu_less_host_auto_quantizes_only_when_the_kv_space_is_raised_past_the_quantizers_own_needs():
+    """docs/models.md: the quantizer's RAM (the bf16 model, its output, ~1.2 GiB of torch) exceeds
+    what vLLM's CPU build needs to serve the bf16 checkpoint with the default 1 GiB of KV cache, so
+    on a host just too small for that, auto cannot quantize either; with 16 GiB of KV it can."""
+    from agent.hardware.types import GIB, MIB
+
+    model = resolve_model("deepseek-r1-distill-qwen-14b")  # bf16 weights only, ~29.5 GB
+    cpu = dataclasses.replace(detect("cpu-only"), cpu_avx512=True)  # a W4A16 checkpoint would load
+    for kv_gib, quantizes in ((1, False), (16, True)):
+        s = Settings(profile="cpu-only", model={"quantize": "auto"}, engines={"vllm_cpu_kvcache_gib": kv_gib})
+        bf16 = plan_vllm_cpu(cpu, model, s.planner, kv_gib, Pins()).weights_bytes
+        host = dataclasses.replace(cpu, ram_available_bytes=bf16 + kv_gib * GIB + s.planner.ram_margin_mib * MIB - 1)
+        assert not plan_vllm_cpu(host, model, s.planner, kv_gib, Pins()).fits  # bf16: one byte short
+        p = plan(host, model, s, vllm_cpu=True)
+        if quantizes:
+            assert p.engine == "vllm" and p.primary.fits and p.primary.quantize == "awq-w4a16-g128"
+        else:
+            assert p.engine == "llamacpp"
+            assert any("this host cannot make one: quantizing needs" in r for r in p.reasons)
 
 
 def test_vllm_cpu_plans_a_w4a16_checkpoint_with_its_zero_points_and_needs_avx512():
@@ -306,10 +316,17 @@ def test_a_cluster_never_quantizes_before_serving_and_says_how_to_serve_a_4bit_c
     keep the group waiting for a checkpoint it then does not serve."""
     from agent.quantize.auto import for_serve
 
-    s = Settings.model_validate({"model": {"ref": "deepseek-r1-distill-qwen-14b", "quantize": "auto"},
-                                 "cluster": {"nodes": 2, "head": "127.0.0.1:29501", "host_ip": "127.0.0.1"}})
+    group = {"model": {"ref": "deepseek-r1-distill-qwen-14b", "quantize": "auto"},
+             "cluster": {"nodes": 2, "head": "127.0.0.1:29501", "host_ip": "127.0.0.1"}}
+    s = Settings.model_validate(group)
     local = object()  # what serve found on disk; a cluster leaves it as it is
     assert for_serve(local, None, s, detect("rtx3090"), vllm_cpu=False) == (local, None)
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "does not apply to a cluster" in warning
     assert "`node-agent quantize deepseek-r1-distill-qwen-14b --out DIR`" in warning
+    # nor does `pull` (it quantizes what the plan says): the plan offers the variant as a hint only
+    planned = plan(detect("rtx3090"), resolve_model("deepseek-r1-distill-qwen-14b"),
+                   Settings.model_validate({**group, "profile": "rtx3090"}))
+    assert planned.engine == "llamacpp"
+    [said] = [r for r in planned.reasons if HINT.search(r)]
+    assert "in a cluster" in said and "--out DIR, copy DIR to every host" in said
