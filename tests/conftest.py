@@ -50,6 +50,11 @@ def pytest_configure(config) -> None:
         "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
     })
     os.environ.pop("STATE_DIRECTORY", None)  # systemd's, when the suite runs inside a unit: it wins over XDG
+    # A system install's /etc/node-agent/config.yaml is read when no user file exists: in this
+    # process the default path points into the isolated home instead (it does not exist there).
+    import agent.settings
+
+    agent.settings.DEFAULT_CONFIG_PATH = Path(home) / "etc" / "node-agent" / "config.yaml"
 
 
 def pytest_unconfigure(config) -> None:
